@@ -1,0 +1,1 @@
+"""Distributed checkpoints: save/load with DCP, atomic commit, resharding on resume."""

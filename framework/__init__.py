@@ -1,0 +1,1 @@
+"""The training framework each rank runs: model, data, optimizer, train loop, metrics."""

@@ -1,0 +1,141 @@
+"""The config schema: the one contract between the launcher and every rank.
+
+Strict OmegaConf structured configs: unknown keys and wrong types fail at composition.
+Imports no torch, so the launcher can load it without touching tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3-style MoE transformer; every size comes from here."""
+
+    name: str = "tiny"
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    vocab_size: int = 256
+    seq_len: int = 128
+    ffn_dim: int = 384  # hidden size of the dense SwiGLU blocks
+    num_experts: int = 8
+    num_shared_experts: int = 1
+    top_k: int = 2
+    expert_dim: int = 64  # hidden size of one fine-grained expert
+    first_k_dense: int = 1
+    n_groups: int = 1
+    topk_groups: int = 1
+    score_func: str = "sigmoid"  # sigmoid | softmax
+    route_scale: float = 1.0
+    bias_update_speed: float = 0.001
+    aux_loss_alpha: float = 0.0
+    mtp_depth: int = 0
+    mtp_weight: float = 0.3
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    """Sizes of the device mesh: W = pp x dp_replicate x dp_shard; ep borrows from dp."""
+
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    dp_replicate: Any = "auto"  # an int >= 1, or "auto": whatever the world size leaves
+    dp_shard: int = -1  # -1: every data-parallel rank not taken by an explicit dp_replicate
+    ep: int = 1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and a cosine (or linear, or constant) decay."""
+
+    name: str = "adamw"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """The loop: global batch in sequences, the same on every layout."""
+
+    steps: int = 100
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from: a token file pair (train/val) or a synthetic stream."""
+
+    source: str = "file"  # file | synthetic
+    path: str = "data/stdlib"  # folder holding train.bin/.json and val.bin/.json
+    synthetic_tokens: int = 1_000_000
+
+
+@dataclass
+class LauncherConfig:
+    """How processes start; the local backend runs torchrun on this machine."""
+
+    name: str = "local"
+    nproc_per_node: int = 2
+    nnodes: int = 1
+    max_restarts: int = 0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # disabled | offline | online
+    project: str = "moe-launch"
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    """The whole run. `extra` is the one free-form namespace (`+extra.note=...`)."""
+
+    experiment: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+RESOLVED_CONFIG_NAME = "config.yaml"
+
+
+def load_run_config(path: str | Path) -> DictConfig:
+    """Read the resolved YAML a launcher wrote, checked against the schema again."""
+    schema = OmegaConf.structured(Config)
+    cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg

@@ -1,0 +1,1 @@
+"""The DeepSeek-V3-style MoE transformer as plain modules; parallel/ wraps it later."""

@@ -1,0 +1,58 @@
+"""Token dispatch and combine: move each (token, slot) to its expert and back.
+
+One small interface so the MoE layer never asks which one it has: this local version
+(every expert on this rank) and parallel/'s all-to-all version for expert parallelism.
+The dispatcher is the only part of the MoE that may talk to other ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class DispatchMeta:
+    """What combine() needs to undo dispatch()."""
+
+    order_N: torch.Tensor  # flat (token, slot) index of each dispatched row, sorted by expert
+    num_tokens: int
+    top_k: int
+
+
+class TokenDispatcher(Protocol):
+    def dispatch(
+        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
+        """-> rows grouped by local expert, tokens per local expert, metadata for combine."""
+        ...
+
+    def combine(self, y_ND: torch.Tensor, meta: DispatchMeta, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        """-> per-token sum over slots of gate weight x expert output."""
+        ...
+
+
+class LocalDispatcher:
+    """All experts live on this rank: a stable sort by expert id is the whole dispatch."""
+
+    def dispatch(self, x_TD, topk_idx_TK, num_experts):
+        T, K = topk_idx_TK.shape
+        expert_N = topk_idx_TK.reshape(-1)
+        order_N = torch.argsort(expert_N, stable=True)
+        x_ND = x_TD[order_N // K]
+        tokens_per_expert_E = torch.bincount(expert_N, minlength=num_experts)
+        return x_ND, tokens_per_expert_E, DispatchMeta(order_N, T, K)
+
+    def combine(self, y_ND, meta, topk_weights_TK):
+        return unpermute_and_weight(y_ND, meta, topk_weights_TK)
+
+
+def unpermute_and_weight(y_ND: torch.Tensor, meta: DispatchMeta, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """Put rows back in (token, slot) order, weight them, and sum the slots in fp32."""
+    inverse_N = torch.empty_like(meta.order_N)
+    inverse_N[meta.order_N] = torch.arange(meta.order_N.numel(), device=meta.order_N.device)
+    y_TKD = y_ND[inverse_N].view(meta.num_tokens, meta.top_k, -1)
+    out_TD = (y_TKD.float() * topk_weights_TK.unsqueeze(-1)).sum(1)
+    return out_TD.to(y_ND.dtype)

@@ -1,0 +1,34 @@
+"""The routed experts: E SwiGLU FFNs stored as 3-D weights and run as one grouped GEMM.
+
+Dropless: every token a router sends is computed, whatever the imbalance (no capacity).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.model.moe.grouped_gemm import grouped_mm
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """x rows are grouped by expert, tokens_per_expert_E[e] rows for expert e."""
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        device = x_ND.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x_ND, w1, w2, w3 = (t.to(dtype) for t in (x_ND, w1, w2, w3))
+        else:
+            x_ND = x_ND.to(w1.dtype)
+        offsets_E = torch.cumsum(tokens_per_expert_E, 0)
+        h_NH = F.silu(grouped_mm(x_ND, w1, offsets_E)) * grouped_mm(x_ND, w3, offsets_E)
+        return grouped_mm(h_NH, w2, offsets_E)

@@ -1,0 +1,65 @@
+"""Grouped GEMM: one matmul per expert over its contiguous block of sorted tokens.
+
+Uses `torch._grouped_mm` (one kernel for all experts) where it runs for the device and
+dtype, else a per-expert loop that computes the same thing. The backward is written out
+because `_grouped_mm`'s own backward rejects the expanded (stride-0) gradients that
+reductions such as `.sum()` produce.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def looped_mm(x_ND: torch.Tensor, w_EDH: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Reference: rows [offsets[e-1], offsets[e]) of x times w[e], one matmul per expert."""
+    outs, start = [], 0
+    for e, end in enumerate(offsets_E.tolist()):
+        outs.append(x_ND[start:end] @ w_EDH[e])
+        start = end
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, w_EDH.shape[-1])
+
+
+@functools.cache
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Probe `_grouped_mm` once per device/dtype: it exists only in recent torch builds,
+    and on CUDA only for some dtypes and architectures."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.ones(32, 16, device=device_type, dtype=dtype)
+        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype)
+        offs = torch.tensor([16, 32], device=device_type, dtype=torch.int32)
+        y = torch._grouped_mm(x, w, offs=offs)
+        gw = torch._grouped_mm(x.t(), y, offs=offs)
+        return bool(torch.allclose(y.float(), torch.full_like(y, 16).float())) and gw.shape == (2, 16, 16)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, w_EDH, offsets_E):
+        ctx.save_for_backward(x_ND, w_EDH, offsets_E)
+        return torch._grouped_mm(x_ND, w_EDH, offs=offsets_E)
+
+    @staticmethod
+    def backward(ctx, grad_NH):
+        x_ND, w_EDH, offsets_E = ctx.saved_tensors
+        grad_NH = grad_NH.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(grad_NH, w_EDH.transpose(-2, -1), offs=offsets_E)
+        if ctx.needs_input_grad[1]:
+            # (D x N) @ (N x H) split along N by the offsets -> one D x H block per expert.
+            grad_w = torch._grouped_mm(x_ND.t(), grad_NH, offs=offsets_E)
+        return grad_x, grad_w, None
+
+
+def grouped_mm(x_ND: torch.Tensor, w_EDH: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """x (tokens sorted by expert) @ w[expert of each row]; offsets are cumulative row ends."""
+    if grouped_mm_supported(x_ND.device.type, x_ND.dtype) and x_ND.dtype == w_EDH.dtype:
+        return _GroupedMM.apply(x_ND, w_EDH, offsets_E.to(torch.int32))
+    return looped_mm(x_ND, w_EDH, offsets_E)

@@ -1,0 +1,200 @@
+"""The training entry point every rank runs: build, loop, evaluate, log.
+
+Started by torchrun as `python -m framework.train --config RUN_DIR/config.yaml`; the
+config file the launcher wrote is the only input, the CLI is never re-parsed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from framework.config import load_run_config
+from framework.data.build import build_data
+from framework.distributed import DistContext, init_distributed, shutdown
+from framework.flops import measure_peak_flops, train_flops_per_token
+from framework.metrics import MetricsLogger
+from framework.model.transformer import ModelArgs, MoETransformer
+from framework.optim import build_lr_scheduler, build_optimizer
+from parallel.fsdp import apply_fsdp
+from parallel.layout import resolve_layout
+from parallel.mesh import build_mesh, dp_mesh, dp_rank_and_size
+from parallel.memory import memory_report
+
+
+class Trainer:
+    """Holds what one rank builds; `run()` reads top to bottom: loop, evaluate, log."""
+
+    def __init__(self, cfg, ctx: DistContext):
+        self.cfg, self.ctx = cfg, ctx
+        p = cfg.parallel
+        self.layout = resolve_layout(ctx.world_size, p.pp, p.dp_replicate, p.dp_shard, p.ep)
+        self.mesh = build_mesh(self.layout, ctx.device)
+        self.dp_rank, self.dp_size = dp_rank_and_size(self.mesh)
+        torch.manual_seed(cfg.train.seed)
+
+        self.model = MoETransformer(ModelArgs.from_config(cfg.model))
+        self.model.init_weights(cfg.train.seed)
+        self.model.to(ctx.device)
+        apply_fsdp(self.model, dp_mesh(self.mesh))
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+
+        self.loader, self.val_batches = build_data(cfg, self.dp_rank, self.dp_size)
+        self.logger = MetricsLogger(cfg, enabled=ctx.is_main)
+        self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        self.step = 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ctx.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over this rank's micro-batches, clip, step. -> (loss, grad norm)."""
+        micro_batches = self.loader.next_step()
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        for i, batch in enumerate(micro_batches):
+            # Reduce gradients across ranks only once, after the last micro-batch.
+            self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            with self.autocast():
+                out = self.model(batch.to(self.ctx.device, non_blocking=True))
+            (out.loss / len(micro_batches)).backward()
+            loss_sum += out.lm_loss
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.step == 0:  # the one moment params, grads and optimizer state all exist
+            self.peak_memory = memory_report(self.model, self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.update_router_biases()
+        return loss_sum / len(micro_batches), grad_norm
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Sum each MoE layer's expert load over all ranks, then nudge every rank's bias
+        the same way, so the bias stays identical everywhere."""
+        layers = self.model.moe_layers()
+        if not layers:
+            self.last_loads = []
+            return
+        loads = torch.stack([m.tokens_per_expert for m in layers])
+        dist.all_reduce(loads)
+        for moe, load in zip(layers, loads):
+            moe.router.update_bias(load, self.cfg.model.bias_update_speed)
+            moe.tokens_per_expert.zero_()
+        self.last_loads = loads
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation LM loss over the fixed validation windows of all ranks."""
+        self.model.eval()
+        total = torch.zeros(2, device=self.ctx.device)
+        for batch in self.val_batches:
+            with self.autocast():
+                out = self.model(batch.to(self.ctx.device))
+            total[0] += out.lm_loss * batch.shape[0]
+            total[1] += batch.shape[0]
+        dist.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item()
+
+    def run(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        t = cfg.train
+        tokens_per_step = t.global_batch_size * cfg.model.seq_len
+        flops_per_token = train_flops_per_token(cfg.model)
+        peak = torch.tensor(measure_peak_flops(ctx.device, self.autocast_dtype or torch.float32))
+        dist.all_reduce(peak)  # the whole job's measured peak
+        self.log_start()
+
+        first_val = self.evaluate()
+        self.logger.console(f"step 0 | val {first_val:.4f}")
+        self.logger.log({"step": 0, "val_loss": first_val})
+        val = first_val
+        window_loss = torch.zeros((), device=ctx.device)
+        window_steps, window_start = 0, time.perf_counter()
+        while self.step < t.steps:
+            loss, grad_norm = self.train_step()
+            self.step += 1
+            if self.step == 1:  # optimizer state exists only after the first step
+                self.log_memory()
+            window_loss += loss.detach()
+            window_steps += 1
+            last = self.step == t.steps
+            record = {"step": self.step}
+            if self.step % t.eval_every == 0 or last:
+                val = self.evaluate()
+                record["val_loss"] = val
+            if self.step % t.log_every == 0 or last:
+                stats = torch.stack([window_loss / window_steps, grad_norm.to(window_loss)])
+                dist.all_reduce(stats)
+                stats /= ctx.world_size
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = tokens_per_step * window_steps / elapsed
+                record.update(self.step_record(stats, tokens_per_s, flops_per_token, peak.item()))
+                self.logger.progress(record)
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if len(record) > 1:
+                self.logger.log(record)
+        self.logger.console(f"validation loss: first {first_val:.4f} -> final {val:.4f}")
+        self.logger.finish()
+
+    def step_record(self, stats, tokens_per_s: float, flops_per_token: float, peak: float) -> dict:
+        loads = self.last_loads
+        record = {
+            "loss": stats[0].item(),
+            "grad_norm": stats[1].item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * flops_per_token / peak,
+            "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.model.seq_len,
+        }
+        if len(loads):
+            imbalance = (loads.max(dim=1).values / loads.float().mean(dim=1)).tolist()
+            record["load_imbalance"] = imbalance
+            record["max_load_imbalance"] = max(imbalance)
+            record["expert_tokens"] = loads.long().tolist()
+        else:
+            record["max_load_imbalance"] = 1.0
+        return record
+
+    def log_start(self) -> None:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        lay = self.layout
+        self.logger.console(
+            f"moe-launch: {self.cfg.experiment} | world {lay.world_size} (pp {lay.pp} x dp_replicate "
+            f"{lay.dp_replicate} x dp_shard {lay.dp_shard}, ep {lay.ep}) on {self.ctx.device.type} | "
+            f"{n_params / 1e6:.2f}M params"
+        )
+
+    def log_memory(self) -> None:
+        """Every rank's bytes of params, grads and optimizer state, as held after step 1."""
+        gathered = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, self.peak_memory)
+        mib = ", ".join(f"{v / 2**20:.2f}" for v in gathered[0].values())
+        self.logger.console(f"memory per rank (MiB params, grads, optimizer state) rank 0: {mib}")
+        self.logger.log({"step": self.step, "memory_per_rank": gathered})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="RUN_DIR/config.yaml written by moe-launch")
+    args = parser.parse_args()
+    cfg = load_run_config(args.config)
+    ctx = init_distributed()
+    Trainer(cfg, ctx).run()
+    shutdown(0)
+
+
+if __name__ == "__main__":
+    main()

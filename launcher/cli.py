@@ -1,0 +1,117 @@
+"""`moe-launch`: the command users type; parses arguments and hands off to the backend."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from omegaconf import OmegaConf
+
+from launcher.compose import available_experiments, compose_config
+from launcher.errors import ConfigError
+from launcher.local import LocalLauncher
+from launcher.run_dir import finalize_paths, resolved_config_path, write_resolved_config
+from launcher.validation import validate
+
+EXIT_CONFIG_ERROR = 2
+
+MAIN_HELP = """\
+Train Mixture-of-Experts language models with expert, data and pipeline parallelism.
+
+commands:
+  train     compose a config, validate it, and start the ranks with torchrun
+
+examples:
+  moe-launch train config=tiny                       # the embedded default: CPU, 2 processes
+  moe-launch train config=tiny optim.lr=1e-3 train.steps=50
+  moe-launch train config=my_experiment.yaml model.num_experts=16 --dry-run
+
+Run `moe-launch train --help` for the config syntax.
+"""
+
+TRAIN_HELP = """\
+config=NAME     an experiment under configs/experiment/ ({experiments}), or a path to a
+                YAML file shaped like one; default: tiny
+OVERRIDES       Hydra overrides, applied after the experiment, last one wins:
+                  optim.lr=3e-4 model.num_experts=16   set a value
+                  model=small parallel=default         pick a config group option
+                  +extra.note=baseline                 add a free-form value
+                Unknown keys, wrong types and impossible values stop the launch with
+                exit code 2 before any process starts.
+
+The resolved config is written to RUN_DIR/config.yaml (default runs/EXPERIMENT/TIMESTAMP,
+or run_dir=PATH) and every rank reads that file.
+
+examples:
+  moe-launch train config=tiny
+  moe-launch train config=tiny launcher.nproc_per_node=1 train.steps=20 data=synthetic
+  moe-launch train config=tiny --dry-run
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-launch", description=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="train a model",
+        description=TRAIN_HELP.format(experiments=", ".join(available_experiments())),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="moe-launch train [config=NAME|PATH] [OVERRIDES ...] [--dry-run]",
+    )
+    train.add_argument("--dry-run", action="store_true", help="print the torchrun command and config, start nothing")
+    train.add_argument("overrides", nargs="*", metavar="OVERRIDES", help=argparse.SUPPRESS)
+    return parser
+
+
+def _split_config(overrides: list[str]) -> tuple[str, list[str]]:
+    config, rest = "tiny", []
+    for ov in overrides:
+        if ov.startswith("config="):
+            config = ov.split("=", 1)[1]
+        else:
+            rest.append(ov)
+    return config, rest
+
+
+def train(overrides: list[str], dry_run: bool) -> int:
+    config, overrides = _split_config(overrides)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"{ov}: not an override; expected KEY=VALUE (e.g. optim.lr=3e-4)")
+    cfg = compose_config(config, overrides)
+    finalize_paths(cfg)
+    validate(cfg)
+    launcher = LocalLauncher()
+    if dry_run:
+        print(shlex.join(launcher.command(cfg, resolved_config_path(cfg))))
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
+    config_path = write_resolved_config(cfg)
+    command = launcher.command(cfg, config_path)
+    print(f"moe-launch: run dir {cfg.run_dir}", flush=True)
+    return launcher.launch(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may come before or after --dry-run; argparse leaves the later ones unknown.
+    args, unknown = parser.parse_known_args(argv)
+    flags = [a for a in unknown if a.startswith("-")]
+    if flags:
+        parser.error(f"unknown option {flags[0]}; see moe-launch train --help")
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG_ERROR
+    try:
+        return train(args.overrides + unknown, args.dry_run)
+    except ConfigError as err:
+        print(f"moe-launch: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

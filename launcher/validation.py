@@ -1,0 +1,186 @@
+"""Cross-field checks on a composed config, run before any process starts.
+
+The schema already caught unknown keys and wrong types; this catches impossible values
+(top_k > num_experts, a layout that does not multiply up, a missing data file, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from launcher.errors import ConfigError
+from parallel.layout import PIPELINE_SCHEDULES, Layout, resolve_layout
+
+SCORE_FUNCS = ("sigmoid", "softmax")
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw",)
+DATA_SOURCES = ("file", "synthetic")
+LAUNCHERS = ("local",)
+WANDB_MODES = ("disabled", "offline", "online")
+CPU_PROCS_FLOOR = 8  # gloo tests run up to 8 ranks even on a 2-core machine
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value}: {allowed}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, value, f"allowed: {', '.join(allowed)}")
+
+
+def _positive(section: DictConfig, prefix: str, *keys: str) -> None:
+    for key in keys:
+        _require(section[key] > 0, f"{prefix}.{key}", section[key], "must be > 0")
+
+
+def _non_negative(section: DictConfig, prefix: str, *keys: str) -> None:
+    for key in keys:
+        _require(section[key] >= 0, f"{prefix}.{key}", section[key], "must be >= 0")
+
+
+def local_gpu_count() -> int:
+    """GPUs this node shows, without importing torch (the launcher stays tensor-free)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def validate_model(m: DictConfig) -> None:
+    _positive(m, "model", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim")
+    _positive(m, "model", "num_experts", "top_k", "expert_dim", "n_groups", "topk_groups", "route_scale")
+    _positive(m, "model", "rope_theta", "norm_eps", "init_std")
+    _non_negative(m, "model", "num_shared_experts", "first_k_dense", "bias_update_speed")
+    _non_negative(m, "model", "aux_loss_alpha", "mtp_depth", "mtp_weight")
+    _require(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
+    _require((m.dim // m.n_heads) % 2 == 0, "model.dim", m.dim, f"head size dim/n_heads={m.dim // m.n_heads} must be even for RoPE")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+    _require(m.top_k <= m.num_experts, "model.top_k", m.top_k, f"must be <= model.num_experts={m.num_experts}")
+    _require(m.num_experts % m.n_groups == 0, "model.n_groups", m.n_groups, f"must divide model.num_experts={m.num_experts}")
+    _require(m.topk_groups <= m.n_groups, "model.topk_groups", m.topk_groups, f"must be <= model.n_groups={m.n_groups}")
+    reachable = m.topk_groups * (m.num_experts // m.n_groups)
+    _require(
+        m.top_k <= reachable,
+        "model.top_k",
+        m.top_k,
+        f"must be <= topk_groups x experts per group = {reachable}",
+    )
+    _require(m.first_k_dense <= m.n_layers, "model.first_k_dense", m.first_k_dense, f"must be <= model.n_layers={m.n_layers}")
+    _one_of("model.score_func", m.score_func, SCORE_FUNCS)
+    _require(m.seq_len > m.mtp_depth + 1, "model.seq_len", m.seq_len, f"must be > mtp_depth + 1 = {m.mtp_depth + 1}")
+
+
+def validate_layout(cfg: DictConfig) -> Layout:
+    p, launch = cfg.parallel, cfg.launcher
+    world = launch.nproc_per_node * launch.nnodes
+    _one_of("parallel.pp_schedule", p.pp_schedule, PIPELINE_SCHEDULES)
+    dp_replicate = p.dp_replicate
+    if isinstance(dp_replicate, str) and dp_replicate != "auto":
+        _require(dp_replicate.isdigit(), "parallel.dp_replicate", dp_replicate, "allowed: an int >= 1 or 'auto'")
+        dp_replicate = int(dp_replicate)
+    try:
+        layout = resolve_layout(world, p.pp, dp_replicate, p.dp_shard, p.ep)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    # Pipeline and expert parallelism land with their own issues; refuse rather than ignore.
+    _require(layout.pp == 1, "parallel.pp", layout.pp, "pipeline parallelism is not available yet; allowed: 1")
+    _require(layout.ep == 1, "parallel.ep", layout.ep, "expert parallelism is not available yet; allowed: 1")
+    m = cfg.model
+    _require(
+        m.num_experts % layout.ep == 0,
+        "model.num_experts",
+        m.num_experts,
+        f"must be divisible by parallel.ep={layout.ep}",
+    )
+    return layout
+
+
+def validate_train(cfg: DictConfig, layout: Layout) -> None:
+    t, o = cfg.train, cfg.optim
+    _positive(t, "train", "steps", "global_batch_size", "micro_batch_size", "log_every", "eval_every", "eval_batches")
+    _one_of("train.precision", t.precision, PRECISIONS)
+    per_rank = t.global_batch_size // layout.dp
+    _require(
+        t.global_batch_size % layout.dp == 0,
+        "train.global_batch_size",
+        t.global_batch_size,
+        f"must be divisible by the {layout.dp} data-parallel ranks",
+    )
+    _require(
+        per_rank % t.micro_batch_size == 0,
+        "train.micro_batch_size",
+        t.micro_batch_size,
+        f"must divide the per-rank batch global_batch_size/dp = {per_rank}",
+    )
+    _one_of("optim.name", o.name, OPTIMIZERS)
+    _one_of("optim.schedule", o.schedule, LR_SCHEDULES)
+    _positive(o, "optim", "lr", "eps")
+    _non_negative(o, "optim", "weight_decay", "warmup_steps", "grad_clip")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    for key in ("beta1", "beta2"):
+        _require(0 <= o[key] < 1, f"optim.{key}", o[key], "must be in [0, 1)")
+
+
+def validate_data(cfg: DictConfig) -> None:
+    d = cfg.data
+    _one_of("data.source", d.source, DATA_SOURCES)
+    if d.source == "synthetic":
+        need = 2 * (cfg.model.seq_len + 1)
+        _require(d.synthetic_tokens >= need, "data.synthetic_tokens", d.synthetic_tokens, f"must be >= {need}")
+        return
+    root = Path(d.path)
+    for split in ("train", "val"):
+        for suffix in (".bin", ".json"):
+            f = root / f"{split}{suffix}"
+            if not f.is_file():
+                raise ConfigError(
+                    f"data.path={d.path}: missing {f}; run `python scripts/prepare_data.py --out {d.path}` "
+                    "or point data.path at a folder with train/val token files"
+                )
+        try:
+            vocab = json.loads((root / f"{split}.json").read_text())["vocab_size"]
+        except (ValueError, KeyError) as err:
+            raise ConfigError(f"data.path={d.path}: {split}.json is not a token-file sidecar ({err})") from None
+        _require(
+            vocab <= cfg.model.vocab_size,
+            "model.vocab_size",
+            cfg.model.vocab_size,
+            f"must be >= the data's vocabulary {vocab} ({root / split}.json)",
+        )
+
+
+def validate_launcher(cfg: DictConfig) -> None:
+    launch = cfg.launcher
+    _one_of("launcher.name", launch.name, LAUNCHERS)
+    _positive(launch, "launcher", "nproc_per_node", "nnodes")
+    _non_negative(launch, "launcher", "max_restarts")
+    _require(launch.nnodes == 1, "launcher.nnodes", launch.nnodes, "the local launcher runs on this one node; allowed: 1")
+    gpus = local_gpu_count()
+    limit = gpus if gpus else max(CPU_PROCS_FLOOR, os.cpu_count() or 1)
+    what = f"{gpus} GPUs on this node" if gpus else f"at most {limit} CPU processes on this node"
+    _require(launch.nproc_per_node <= limit, "launcher.nproc_per_node", launch.nproc_per_node, f"allowed: 1..{limit} ({what})")
+    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+
+
+def validate(cfg: DictConfig) -> Layout:
+    """Every check, in the order a user would fix them; returns the resolved layout."""
+    validate_launcher(cfg)
+    validate_model(cfg.model)
+    layout = validate_layout(cfg)
+    validate_train(cfg, layout)
+    validate_data(cfg)
+    return layout

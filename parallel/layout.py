@@ -1,0 +1,67 @@
+"""The parallel layout as plain numbers: world = pp x dp_replicate x dp_shard, ep within dp.
+
+Pure Python (no torch) so the launcher can check a layout before any process starts and
+every rank resolves the same sizes from the same config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev")
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    ep: int
+
+    @property
+    def dp(self) -> int:
+        """Ranks that see different data: everything but the pipeline dimension."""
+        return self.dp_replicate * self.dp_shard
+
+
+def resolve_layout(world_size: int, pp: int, dp_replicate: int | str, dp_shard: int, ep: int) -> Layout:
+    """Fill in `dp_replicate="auto"` / `dp_shard=-1` and check that the sizes multiply up."""
+    if world_size < 1:
+        raise ValueError(f"world size {world_size}: must be >= 1")
+    if pp < 1:
+        raise ValueError(f"parallel.pp={pp}: must be >= 1")
+    if ep < 1:
+        raise ValueError(f"parallel.ep={ep}: must be >= 1")
+    if world_size % pp:
+        raise ValueError(f"parallel.pp={pp}: must divide the world size {world_size}")
+    dp = world_size // pp
+    auto_replicate = dp_replicate == "auto"
+    if not auto_replicate and (not isinstance(dp_replicate, int) or dp_replicate < 1):
+        raise ValueError(f"parallel.dp_replicate={dp_replicate}: allowed: an int >= 1 or 'auto'")
+    if dp_shard != -1 and dp_shard < 1:
+        raise ValueError(f"parallel.dp_shard={dp_shard}: allowed: an int >= 1 or -1 (all that is left)")
+    if dp_shard == -1:
+        replicate = 1 if auto_replicate else dp_replicate
+        if dp % replicate:
+            raise ValueError(
+                f"parallel.dp_replicate={replicate}: must divide the {dp} data-parallel ranks "
+                f"(world size {world_size} / pp {pp})"
+            )
+        shard = dp // replicate
+    else:
+        shard = dp_shard
+        if dp % shard:
+            raise ValueError(
+                f"parallel.dp_shard={shard}: must divide the {dp} data-parallel ranks "
+                f"(world size {world_size} / pp {pp})"
+            )
+        replicate = dp // shard if auto_replicate else dp_replicate
+    if pp * replicate * shard != world_size:
+        raise ValueError(
+            f"parallel sizes pp={pp} x dp_replicate={replicate} x dp_shard={shard} = "
+            f"{pp * replicate * shard}, but the world size is {world_size}"
+        )
+    if dp % ep:
+        raise ValueError(f"parallel.ep={ep}: must divide the {dp} data-parallel ranks (dp_replicate x dp_shard)")
+    return Layout(world_size=world_size, pp=pp, dp_replicate=replicate, dp_shard=shard, ep=ep)

@@ -1,0 +1,24 @@
+"""Per-rank bytes of parameters, gradients and optimizer state: what sharding saved."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _local_bytes(t: torch.Tensor | None) -> int:
+    if t is None or not isinstance(t, torch.Tensor):
+        return 0
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
+def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds (local shards only, not the global tensors)."""
+    params = list(model.parameters())
+    optim_bytes = sum(_local_bytes(v) for state in optimizer.state.values() for v in state.values())
+    return {
+        "param_bytes": sum(_local_bytes(p) for p in params),
+        "grad_bytes": sum(_local_bytes(p.grad) for p in params),
+        "optimizer_bytes": optim_bytes,
+    }

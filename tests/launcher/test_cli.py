@@ -1,0 +1,54 @@
+"""The CLI as a user runs it: help, dry run, and bad input from a real subprocess."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from launcher.cli import main
+
+CLI = [sys.executable, "-m", "launcher.cli"]
+
+
+def test_help_explains_commands_and_config_syntax():
+    out = subprocess.run([*CLI, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "moe-launch train config=tiny" in out.stdout
+    out = subprocess.run([*CLI, "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "config=NAME" in out.stdout and "optim.lr=3e-4" in out.stdout
+
+
+def test_dry_run_prints_torchrun_command_and_config_and_starts_nothing(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    code = main(["train", "config=tiny", "data=synthetic", f"run_dir={run_dir}", "optim.lr=1e-3", "--dry-run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    command, _, config_text = out.partition("\n")
+    assert "torch.distributed.run" in command
+    assert "--nproc-per-node=2" in command and "--max-restarts=0" in command
+    assert "-m framework.train --config" in command and str(run_dir / "config.yaml") in command
+    cfg = yaml.safe_load(config_text)
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["experiment"] == "tiny"
+    assert cfg["run_dir"] == str(run_dir)
+    assert not run_dir.exists()
+
+
+def test_yaml_file_as_config(capsys, tmp_path):
+    exp = tmp_path / "my_exp.yaml"
+    exp.write_text("defaults:\n  - override /data: synthetic\ntrain:\n  steps: 7\nmodel:\n  num_experts: 4\n")
+    code = main(["train", f"config={exp}", "model.top_k=1", "--dry-run"])
+    assert code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out.partition("\n")[2])
+    assert cfg["experiment"] == "my_exp"
+    assert (cfg["train"]["steps"], cfg["model"]["num_experts"], cfg["model"]["top_k"]) == (7, 4, 1)
+
+
+def test_bad_value_from_the_console_script_has_no_traceback(tmp_path):
+    exe = shutil.which("moe-launch") or str(Path(sys.executable).parent / "moe-launch")
+    out = subprocess.run([exe, "train", "data=synthetic", "model.top_k=99"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip() == "moe-launch: error: model.top_k=99: must be <= model.num_experts=8"

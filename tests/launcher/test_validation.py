@@ -1,0 +1,62 @@
+"""Every bad config stops the launch with exit code 2 and one line naming the bad value."""
+
+import pytest
+
+from launcher.cli import main
+
+SYNTH = ["data=synthetic"]
+
+BAD = [
+    # (overrides, text the one-line message must contain)
+    (["model.top_k=20"], "model.top_k=20"),
+    (["model.dim=130"], "model.dim=130"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3"),
+    (["model.topk_groups=3"], "model.topk_groups=3"),
+    (["model.n_groups=3"], "model.n_groups=3"),
+    (["model.score_func=relu"], "allowed: sigmoid, softmax"),
+    (["model.dim=abc"], "model.dim"),
+    (["model.bogus=1"], "model.bogus"),
+    (["+foo=1"], "foo: unknown key"),
+    (["model=nope"], "model/nope"),
+    (["optim.lr=-1"], "optim.lr=-1"),
+    (["optim.beta2=1.5"], "optim.beta2=1.5"),
+    (["optim.schedule=step"], "allowed: cosine, linear, constant"),
+    (["train.steps=0"], "train.steps=0"),
+    (["train.steps=1.5"], "train.steps"),
+    (["train.precision=fp16"], "allowed: fp32, bf16"),
+    (["train.micro_batch_size=5"], "train.micro_batch_size=5"),
+    (["train.global_batch_size=15"], "train.global_batch_size=15"),
+    (["launcher.nproc_per_node=1000"], "launcher.nproc_per_node=1000"),
+    (["launcher.nproc_per_node=0"], "launcher.nproc_per_node=0"),
+    (["launcher.nnodes=2"], "launcher.nnodes=2"),
+    (["parallel.pp_schedule=bogus"], "allowed: 1f1b"),
+    (["parallel.dp_shard=3"], "parallel.dp_shard=3"),
+    (["parallel.dp_replicate=x"], "parallel.dp_replicate=x"),
+    (["parallel.ep=2"], "parallel.ep=2"),
+    (["parallel.pp=2"], "parallel.pp=2"),
+    (["logging.wandb.mode=cloud"], "allowed: disabled, offline, online"),
+    (["optim.lr=1e-3,3e-4"], "sweeps"),
+    (["data=stdlib", "data.path=/nonexistent/tokens"], "data.path=/nonexistent/tokens"),
+    (["data.synthetic_tokens=10"], "data.synthetic_tokens=10"),
+    (["config=nope"], "config=nope: unknown experiment"),
+    (["config=/no/such/file.yaml"], "no such file"),
+    (["notanoverride"], "notanoverride"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_exits_2_with_one_line(overrides, expected, capsys, tmp_path):
+    code = main(["train", *SYNTH, f"run_dir={tmp_path / 'run'}", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("moe-launch: error: ")
+    assert expected in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_valid_overrides_pass_validation(capsys, tmp_path):
+    code = main(["train", *SYNTH, "--dry-run", "model.num_experts=16", "model.n_groups=4", "+extra.note=hi"])
+    assert code == 0
+    assert "num_experts: 16" in capsys.readouterr().out

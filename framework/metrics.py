@@ -54,7 +54,7 @@ class MetricsLogger:
 
     def finish(self) -> None:
         if self.wandb_run is not None:
-            self.wandb_run.finish(quiet=True)
+            self.wandb_run.finish()
 
 
 def _init_wandb(cfg):

@@ -23,8 +23,8 @@ from framework.model.transformer import ModelArgs, MoETransformer
 from framework.optim import build_lr_scheduler, build_optimizer
 from parallel.fsdp import apply_fsdp
 from parallel.layout import resolve_layout
-from parallel.mesh import build_mesh, dp_mesh, dp_rank_and_size
 from parallel.memory import memory_report
+from parallel.mesh import build_mesh, dp_mesh, dp_rank_and_size
 
 
 class Trainer:
@@ -88,7 +88,7 @@ class Trainer:
             return
         loads = torch.stack([m.tokens_per_expert for m in layers])
         dist.all_reduce(loads)
-        for moe, load in zip(layers, loads):
+        for moe, load in zip(layers, loads, strict=True):
             moe.router.update_bias(load, self.cfg.model.bias_update_speed)
             moe.tokens_per_expert.zero_()
         self.last_loads = loads

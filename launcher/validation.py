@@ -67,10 +67,17 @@ def validate_model(m: DictConfig) -> None:
     _non_negative(m, "model", "num_shared_experts", "first_k_dense", "bias_update_speed")
     _non_negative(m, "model", "aux_loss_alpha", "mtp_depth", "mtp_weight")
     _require(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
-    _require((m.dim // m.n_heads) % 2 == 0, "model.dim", m.dim, f"head size dim/n_heads={m.dim // m.n_heads} must be even for RoPE")
+    _require(
+        (m.dim // m.n_heads) % 2 == 0,
+        "model.dim",
+        m.dim,
+        f"head size dim/n_heads={m.dim // m.n_heads} must be even for RoPE",
+    )
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
     _require(m.top_k <= m.num_experts, "model.top_k", m.top_k, f"must be <= model.num_experts={m.num_experts}")
-    _require(m.num_experts % m.n_groups == 0, "model.n_groups", m.n_groups, f"must divide model.num_experts={m.num_experts}")
+    _require(
+        m.num_experts % m.n_groups == 0, "model.n_groups", m.n_groups, f"must divide model.num_experts={m.num_experts}"
+    )
     _require(m.topk_groups <= m.n_groups, "model.topk_groups", m.topk_groups, f"must be <= model.n_groups={m.n_groups}")
     reachable = m.topk_groups * (m.num_experts // m.n_groups)
     _require(
@@ -79,7 +86,9 @@ def validate_model(m: DictConfig) -> None:
         m.top_k,
         f"must be <= topk_groups x experts per group = {reachable}",
     )
-    _require(m.first_k_dense <= m.n_layers, "model.first_k_dense", m.first_k_dense, f"must be <= model.n_layers={m.n_layers}")
+    _require(
+        m.first_k_dense <= m.n_layers, "model.first_k_dense", m.first_k_dense, f"must be <= model.n_layers={m.n_layers}"
+    )
     _one_of("model.score_func", m.score_func, SCORE_FUNCS)
     _require(m.seq_len > m.mtp_depth + 1, "model.seq_len", m.seq_len, f"must be > mtp_depth + 1 = {m.mtp_depth + 1}")
 
@@ -168,11 +177,18 @@ def validate_launcher(cfg: DictConfig) -> None:
     _one_of("launcher.name", launch.name, LAUNCHERS)
     _positive(launch, "launcher", "nproc_per_node", "nnodes")
     _non_negative(launch, "launcher", "max_restarts")
-    _require(launch.nnodes == 1, "launcher.nnodes", launch.nnodes, "the local launcher runs on this one node; allowed: 1")
+    _require(
+        launch.nnodes == 1, "launcher.nnodes", launch.nnodes, "the local launcher runs on this one node; allowed: 1"
+    )
     gpus = local_gpu_count()
     limit = gpus if gpus else max(CPU_PROCS_FLOOR, os.cpu_count() or 1)
     what = f"{gpus} GPUs on this node" if gpus else f"at most {limit} CPU processes on this node"
-    _require(launch.nproc_per_node <= limit, "launcher.nproc_per_node", launch.nproc_per_node, f"allowed: 1..{limit} ({what})")
+    _require(
+        launch.nproc_per_node <= limit,
+        "launcher.nproc_per_node",
+        launch.nproc_per_node,
+        f"allowed: 1..{limit} ({what})",
+    )
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
 
 

@@ -1,6 +1,7 @@
 """End to end: `moe-launch train` starts 2 gloo ranks that train, evaluate and log."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "launcher.cli", "train"]
+FAKE_KEY = "wandb-test-secret-0123456789abcdef0123456789"
 
 
 def _train(run_dir: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -18,6 +20,7 @@ def _train(run_dir: Path, *overrides: str, timeout: int = 240) -> subprocess.Com
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, "WANDB_API_KEY": FAKE_KEY},
     )
 
 
@@ -53,3 +56,7 @@ def test_two_process_training_lowers_loss_and_logs_metrics(tmp_path):
     assert len(memory) == 2 and all(m["param_bytes"] > 0 and m["optimizer_bytes"] > 0 for m in memory)
     assert "validation loss: first" in out.stdout
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline files belong in the run dir"
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert FAKE_KEY.encode() not in f.read_bytes(), f"API key leaked into {f}"
+    assert FAKE_KEY not in out.stdout + out.stderr

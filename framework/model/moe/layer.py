@@ -41,7 +41,7 @@ class MoE(nn.Module):
         routing = self.router(x_TD)
         if self.training:  # evaluation must not move the load-balancing bias
             with torch.no_grad():
-                    self.tokens_per_expert += torch.bincount(
+                self.tokens_per_expert += torch.bincount(
                     routing.topk_idx_TK.reshape(-1), minlength=self.num_experts
                 ).to(self.tokens_per_expert)
         x_ND, tokens_per_expert, meta = self.dispatcher.dispatch(x_TD, routing.topk_idx_TK, self.num_experts)

@@ -51,9 +51,9 @@ def test_every_parameter_gets_a_gradient():
 
 def test_init_is_deterministic_from_the_seed():
     a, b, c = _model(seed=1), _model(seed=1), _model(seed=2)
-    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), name
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
 
 
 def test_causal_later_tokens_do_not_change_earlier_logits():

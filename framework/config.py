@@ -52,6 +52,7 @@ class ParallelConfig:
     dp_replicate: Any = "auto"  # an int >= 1, or "auto": whatever the world size leaves
     dp_shard: int = -1  # -1: every data-parallel rank not taken by an explicit dp_replicate
     ep: int = 1
+    ep_per_node: int = 0  # EP ranks per node, for node-limited routing; 0: launcher.nproc_per_node
 
 
 @dataclass

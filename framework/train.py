@@ -7,8 +7,6 @@ config file the launcher wrote is the only input, the CLI is never re-parsed her
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import time
 
 import torch
@@ -21,10 +19,12 @@ from framework.flops import measure_peak_flops, train_flops_per_token
 from framework.metrics import MetricsLogger
 from framework.model.transformer import ModelArgs, MoETransformer
 from framework.optim import build_lr_scheduler, build_optimizer
+from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp
+from parallel.grad_clip import clip_grad_norm
 from parallel.layout import resolve_layout
 from parallel.memory import memory_report
-from parallel.mesh import build_mesh, dp_mesh, dp_rank_and_size
+from parallel.mesh import build_expert_mesh, build_mesh, dp_mesh, dp_rank_and_size, expert_dp_mesh
 
 
 class Trainer:
@@ -35,25 +35,27 @@ class Trainer:
         p = cfg.parallel
         self.layout = resolve_layout(ctx.world_size, p.pp, p.dp_replicate, p.dp_shard, p.ep)
         self.mesh = build_mesh(self.layout, ctx.device)
+        self.expert_mesh = build_expert_mesh(self.layout, ctx.device)
         self.dp_rank, self.dp_size = dp_rank_and_size(self.mesh)
         torch.manual_seed(cfg.train.seed)
 
+        # Parallelism is applied to a plain model: init the full model identically on
+        # every rank, keep this rank's experts, then shard.
         self.model = MoETransformer(ModelArgs.from_config(cfg.model))
         self.model.init_weights(cfg.train.seed)
         self.model.to(ctx.device)
-        apply_fsdp(self.model, dp_mesh(self.mesh))
+        ep_per_node = p.ep_per_node or cfg.launcher.nproc_per_node
+        apply_expert_parallel(self.model, self.expert_mesh, ep_per_node)
+        apply_fsdp(self.model, dp_mesh(self.mesh), expert_dp_mesh(self.expert_mesh), cfg.train.precision)
+        expert_ids = {id(p) for m in self.model.moe_layers() for p in m.experts.parameters()}
+        self.expert_params = [p for p in self.model.parameters() if id(p) in expert_ids]
+        self.dense_params = [p for p in self.model.parameters() if id(p) not in expert_ids]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
 
         self.loader, self.val_batches = build_data(cfg, self.dp_rank, self.dp_size)
         self.logger = MetricsLogger(cfg, enabled=ctx.is_main)
-        self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
         self.step = 0
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.ctx.device.type, dtype=self.autocast_dtype)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches, clip, step. -> (loss, grad norm)."""
@@ -62,14 +64,16 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             # Reduce gradients across ranks only once, after the last micro-batch.
             self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            with self.autocast():
-                out = self.model(batch.to(self.ctx.device, non_blocking=True))
+            out = self.model(batch.to(self.ctx.device, non_blocking=True))
             (out.loss / len(micro_batches)).backward()
             loss_sum += out.lm_loss
-        clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm(
+            self.dense_params,
+            self.expert_params,
+            self.cfg.optim.grad_clip,
+            self.expert_mesh["ep"].get_group(),
+            self.ctx.device,
+        )
         self.optimizer.step()
         self.scheduler.step()
         if self.step == 0:  # the one moment params, grads and optimizer state all exist
@@ -93,14 +97,20 @@ class Trainer:
             moe.tokens_per_expert.zero_()
         self.last_loads = loads
 
+    def pop_cross_node_rows(self) -> torch.Tensor:
+        rows = 0
+        for moe in self.model.moe_layers():
+            rows += moe.dispatcher.cross_node_rows
+            moe.dispatcher.cross_node_rows = 0
+        return torch.tensor(float(rows), device=self.ctx.device)
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation LM loss over the fixed validation windows of all ranks."""
         self.model.eval()
         total = torch.zeros(2, device=self.ctx.device)
         for batch in self.val_batches:
-            with self.autocast():
-                out = self.model(batch.to(self.ctx.device))
+            out = self.model(batch.to(self.ctx.device))
             total[0] += out.lm_loss * batch.shape[0]
             total[1] += batch.shape[0]
         dist.all_reduce(total)
@@ -112,7 +122,8 @@ class Trainer:
         t = cfg.train
         tokens_per_step = t.global_batch_size * cfg.model.seq_len
         flops_per_token = train_flops_per_token(cfg.model)
-        peak = torch.tensor(measure_peak_flops(ctx.device, self.autocast_dtype or torch.float32))
+        compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        peak = torch.tensor(measure_peak_flops(ctx.device, compute_dtype), device=ctx.device)
         dist.all_reduce(peak)  # the whole job's measured peak
         self.log_start()
 
@@ -135,9 +146,9 @@ class Trainer:
                 val = self.evaluate()
                 record["val_loss"] = val
             if self.step % t.log_every == 0 or last:
-                stats = torch.stack([window_loss / window_steps, grad_norm.to(window_loss)])
+                stats = torch.stack([window_loss / window_steps, grad_norm.to(window_loss), self.pop_cross_node_rows()])
                 dist.all_reduce(stats)
-                stats /= ctx.world_size
+                stats[:2] /= ctx.world_size
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = tokens_per_step * window_steps / elapsed
                 record.update(self.step_record(stats, tokens_per_s, flops_per_token, peak.item()))
@@ -158,6 +169,8 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * flops_per_token / peak,
             "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.model.seq_len,
+            # routed (token, expert) rows that crossed nodes in the all-to-all, all ranks
+            "cross_node_rows": int(stats[2].item()),
         }
         if len(loads):
             imbalance = (loads.max(dim=1).values / loads.float().mean(dim=1)).tolist()

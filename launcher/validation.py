@@ -105,9 +105,8 @@ def validate_layout(cfg: DictConfig) -> Layout:
         layout = resolve_layout(world, p.pp, dp_replicate, p.dp_shard, p.ep)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    # Pipeline and expert parallelism land with their own issues; refuse rather than ignore.
+    # Pipeline parallelism lands with its own issue; refuse rather than ignore.
     _require(layout.pp == 1, "parallel.pp", layout.pp, "pipeline parallelism is not available yet; allowed: 1")
-    _require(layout.ep == 1, "parallel.ep", layout.ep, "expert parallelism is not available yet; allowed: 1")
     m = cfg.model
     _require(
         m.num_experts % layout.ep == 0,
@@ -115,6 +114,24 @@ def validate_layout(cfg: DictConfig) -> Layout:
         m.num_experts,
         f"must be divisible by parallel.ep={layout.ep}",
     )
+    _non_negative(p, "parallel", "ep_per_node")
+    ep_per_node = min(layout.ep, p.ep_per_node or launch.nproc_per_node)
+    _require(
+        layout.ep % ep_per_node == 0,
+        "parallel.ep_per_node",
+        p.ep_per_node,
+        f"must divide parallel.ep={layout.ep} (EP ranks per node)",
+    )
+    nodes = layout.ep // ep_per_node
+    if m.n_groups > 1 and nodes > 1:
+        # Node-limited routing: every expert group must sit on one node.
+        _require(
+            m.n_groups % nodes == 0,
+            "model.n_groups",
+            m.n_groups,
+            f"must be a multiple of the {nodes} nodes an expert-parallel group spans "
+            f"(ep={layout.ep} / ep_per_node={ep_per_node}), so each expert group lies on one node",
+        )
     return layout
 
 

@@ -1,19 +1,37 @@
-"""Data parallelism with FSDP2: each block, MTP module and the root sharded on the dp mesh.
+"""HSDP with FSDP2: dense weights on the (dp_replicate, dp_shard) mesh, experts on theirs.
 
-On a 2-D (dp_replicate, dp_shard) mesh this is HSDP: sharded within a group, replicated
-across groups, so all-gathers stay on the fast links inside a node.
+Each block, MTP module and the root is one FSDP unit; inside an MoE block the experts are
+their own unit on the expert-data-parallel mesh, so their gradients are reduced only over
+the ranks that hold the same experts. bf16 compute with fp32 master weights and fp32
+gradient reduction; the root (embedding, final norm, head) and routers stay fp32.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+FP32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+BF16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Shard per transformer block, so only one block's full weights exist at a time."""
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh, precision: str) -> nn.Module:
+    compute = BF16 if precision == "bf16" else FP32
+    dp_size = dp_mesh.size()
+    for moe in model.moe_layers():  # inner units first: the block's unit takes the rest
+        fully_shard(moe.experts, mesh=expert_dp_mesh, mp_policy=compute)
+        # Each expert's gradient sums the contributions of every data-parallel rank
+        # (through the all-to-all), so divide by all dp ranks, not just its own mesh.
+        moe.experts.set_gradient_divide_factor(float(dp_size))
+        if expert_dp_mesh.size(1) > 1:
+            # gloo has no PREMUL_SUM, so reduce with SUM and divide after. Not on a 1-rank
+            # shard group: torch 2.13 then divides there and again after (twice).
+            moe.experts.set_force_sum_reduction_for_comms(True)
+        if precision == "bf16":
+            fully_shard(moe.router, mesh=dp_mesh, mp_policy=FP32)
     for block in list(model.layers) + list(model.mtp):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=dp_mesh, mp_policy=compute)
+    fully_shard(model, mesh=dp_mesh, mp_policy=FP32)
     return model

@@ -24,6 +24,17 @@ class Layout:
         """Ranks that see different data: everything but the pipeline dimension."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def edp_shard(self) -> int:
+        """Ranks holding the same experts that shard them: what is left of dp_shard after
+        ep takes its part (1 when ep spans replicas too)."""
+        return self.dp_shard // self.ep if self.dp_shard % self.ep == 0 else 1
+
+    @property
+    def edp_replicate(self) -> int:
+        """Copies of each expert shard: the rest of the data-parallel ranks."""
+        return self.dp // (self.ep * self.edp_shard)
+
 
 def resolve_layout(world_size: int, pp: int, dp_replicate: int | str, dp_shard: int, ep: int) -> Layout:
     """Fill in `dp_replicate="auto"` / `dp_shard=-1` and check that the sizes multiply up."""
@@ -64,4 +75,9 @@ def resolve_layout(world_size: int, pp: int, dp_replicate: int | str, dp_shard: 
         )
     if dp % ep:
         raise ValueError(f"parallel.ep={ep}: must divide the {dp} data-parallel ranks (dp_replicate x dp_shard)")
+    if shard % ep and ep % shard:
+        raise ValueError(
+            f"parallel.ep={ep}: must divide parallel.dp_shard={shard} or be a multiple of it, "
+            "so each expert-parallel group is whole shard groups or lies within one"
+        )
     return Layout(world_size=world_size, pp=pp, dp_replicate=replicate, dp_shard=shard, ep=ep)

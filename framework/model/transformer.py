@@ -158,7 +158,8 @@ class MoETransformer(nn.Module):
         return h, aux
 
     def _cross_entropy(self, h_normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.head(h_normed).float()  # the loss is always computed in fp32
+        # The head's weights may be fp32 while blocks compute in bf16; the loss is fp32.
+        logits = self.head(h_normed.to(self.head.weight.dtype)).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
     def forward(self, batch_BS1: torch.Tensor) -> LossOutput:

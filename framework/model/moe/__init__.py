@@ -1,1 +1,1 @@
-"""The MoE FFN, one file per step a token takes: router, dispatcher, experts, layer."""
+"""The MoE FFN, one file per step a token takes: router, experts, layer (dispatch is in parallel/)."""

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from framework.model.ffn import SwiGLU
-from framework.model.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from framework.model.moe.experts import GroupedExperts
 from framework.model.moe.router import Router, sequence_aux_loss
+from parallel.token_dispatch import LocalDispatcher, TokenDispatcher
 
 
 class MoE(nn.Module):

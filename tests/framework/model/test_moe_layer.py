@@ -1,7 +1,6 @@
 import torch
 import torch.nn.functional as F
 
-from framework.model.moe.dispatcher import LocalDispatcher
 from framework.model.moe.layer import MoE
 
 
@@ -45,19 +44,6 @@ def test_moe_counts_tokens_per_expert_while_training_only():
     moe.eval()
     moe(x)
     assert moe.tokens_per_expert.sum().item() == 3 * 7 * 2
-
-
-def test_dispatch_then_combine_with_identity_experts_returns_the_input():
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(50, 16, generator=gen)
-    idx = torch.stack([torch.randperm(8, generator=gen)[:3] for _ in range(50)])
-    weights = torch.full((50, 3), 1.0 / 3)
-    d = LocalDispatcher()
-    x_ND, counts, meta = d.dispatch(x, idx, 8)
-    assert counts.tolist() == torch.bincount(idx.flatten(), minlength=8).tolist()
-    # Rows arrive grouped by expert, in expert order.
-    assert torch.equal(idx.flatten()[meta.order_N], idx.flatten().sort(stable=True).values)
-    torch.testing.assert_close(d.combine(x_ND, meta, weights), x)
 
 
 def test_moe_gradients_reach_router_experts_and_shared():

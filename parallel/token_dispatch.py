@@ -1,8 +1,8 @@
 """Token dispatch and combine: move each (token, slot) to its expert and back.
 
 One small interface so the MoE layer never asks which one it has: this local version
-(every expert on this rank) and parallel/'s all-to-all version for expert parallelism.
-The dispatcher is the only part of the MoE that may talk to other ranks.
+(every expert on this rank) and the all-to-all one in expert_parallel.py. Dispatchers
+live in parallel/ because they are the only part of the MoE that talks to other ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ class DispatchMeta:
 
 
 class TokenDispatcher(Protocol):
+    cross_node_rows: int  # routed rows sent to another node since the counter was reset
+
     def dispatch(
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
@@ -36,6 +38,8 @@ class TokenDispatcher(Protocol):
 
 class LocalDispatcher:
     """All experts live on this rank: a stable sort by expert id is the whole dispatch."""
+
+    cross_node_rows = 0  # nothing leaves this rank
 
     def dispatch(self, x_TD, topk_idx_TK, num_experts):
         T, K = topk_idx_TK.shape

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from framework.config import Config
+from tests.parallel.spawn import run_workers
 
 # A model small enough for 8 processes on 2 cores, with every feature switched on:
 # dense + MoE blocks, shared experts, group-limited routing, aux loss, MTP, GQA.
@@ -32,24 +30,13 @@ def make_config(run_dir: Path, world: int, overrides: list[str]):
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, cfg_yaml: str, steps: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    from framework.distributed import init_distributed
+def _train(rank: int, world: int, cfg_yaml: str, steps: int) -> dict:
+    from framework.distributed import DistContext
     from framework.train import Trainer
     from parallel.full_state import full_state_dict
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
-    ctx = init_distributed()
-    trainer = Trainer(cfg, ctx)
+    trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
     losses, loads = [], []
     for _ in range(steps):
         loss, _ = trainer.train_step()
@@ -64,29 +51,10 @@ def _worker(rank: int, world: int, port: int, cfg_yaml: str, steps: int, out: st
     dist.all_gather(all_biases, biases)
     memory = [None] * world
     dist.all_gather_object(memory, trainer.peak_memory)
-    if rank == 0:
-        result = {"losses": losses, "loads": loads, "state": state, "biases": all_biases, "memory": memory}
-        torch.save(result, out)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # see framework.distributed.shutdown: gloo threads can abort at exit
+    return {"losses": losses, "loads": loads, "state": state, "biases": all_biases, "memory": memory}
 
 
 def run_layout(tmp_path: Path, world: int, overrides: list[str], steps: int = 5) -> dict:
     """Train `steps` steps on `world` processes; -> losses, loads, full weights, biases."""
-    run_dir = tmp_path / f"w{world}-{'-'.join(o.replace('parallel.', '') for o in overrides) or 'ref'}"
-    cfg = make_config(run_dir, world, overrides)
-    out = str(run_dir / "result.pt")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, port, OmegaConf.to_yaml(cfg), steps, out)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"workers exited with {codes}"
-    return torch.load(out, weights_only=True)
+    cfg = make_config(tmp_path / "run", world, overrides)
+    return run_workers(_train, world, OmegaConf.to_yaml(cfg), steps)

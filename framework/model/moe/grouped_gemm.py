@@ -58,8 +58,14 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def _aligned(x_ND: torch.Tensor, w_EDH: torch.Tensor) -> bool:
+    """`_grouped_mm` needs every row stride to be a multiple of 16 bytes."""
+    size = x_ND.element_size()
+    return all(n * size % 16 == 0 for n in (x_ND.shape[-1], w_EDH.shape[-1], w_EDH.shape[-2]))
+
+
 def grouped_mm(x_ND: torch.Tensor, w_EDH: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """x (tokens sorted by expert) @ w[expert of each row]; offsets are cumulative row ends."""
-    if grouped_mm_supported(x_ND.device.type, x_ND.dtype) and x_ND.dtype == w_EDH.dtype:
+    if x_ND.dtype == w_EDH.dtype and grouped_mm_supported(x_ND.device.type, x_ND.dtype) and _aligned(x_ND, w_EDH):
         return _GroupedMM.apply(x_ND, w_EDH, offsets_E.to(torch.int32))
     return looped_mm(x_ND, w_EDH, offsets_E)

@@ -51,3 +51,11 @@ def test_grouped_mm_bf16_close_to_fp32():
     y16 = grouped_mm(x.detach().bfloat16(), w.detach().bfloat16(), offsets)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=5e-2, atol=1e-1)
+
+
+def test_sizes_the_kernel_rejects_fall_back_to_the_loop():
+    """Row strides that are not a multiple of 16 bytes (here 6 fp32 = 24 bytes)."""
+    x, w, offsets = _problem([3, 5], dim=12, hidden=6)
+    y = grouped_mm(x, w, offsets)
+    y.sum().backward()
+    torch.testing.assert_close(y, looped_mm(x, w, offsets))

@@ -1,0 +1,55 @@
+"""Spawn N real gloo processes in a test and bring rank 0's result back."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    from framework.distributed import init_distributed
+
+    init_distributed()
+    result = fn(rank, world, *args)
+    if rank == 0:
+        torch.save(result, out)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo threads can abort the interpreter at exit (framework.distributed.shutdown)
+
+
+def run_workers(fn: Callable, world: int, *args, timeout: float = 300) -> object:
+    """Run fn(rank, world, *args) on `world` processes; -> what rank 0 returned.
+    fn must be a module-level function (spawn pickles it) and return tensors/plain data."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.pt")
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=timeout)
+        codes = [p.exitcode for p in procs]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        assert codes == [0] * world, f"workers exited with {codes}"
+        return torch.load(out, weights_only=True)

@@ -43,6 +43,7 @@ class Trainer:
         # every rank, keep this rank's experts, then shard.
         self.model = MoETransformer(ModelArgs.from_config(cfg.model))
         self.model.init_weights(cfg.train.seed)
+        self.n_params = sum(p.numel() for p in self.model.parameters())  # before EP splits experts
         self.model.to(ctx.device)
         ep_per_node = p.ep_per_node or cfg.launcher.nproc_per_node
         apply_expert_parallel(self.model, self.expert_mesh, ep_per_node)
@@ -182,12 +183,11 @@ class Trainer:
         return record
 
     def log_start(self) -> None:
-        n_params = sum(p.numel() for p in self.model.parameters())
         lay = self.layout
         self.logger.console(
             f"moe-launch: {self.cfg.experiment} | world {lay.world_size} (pp {lay.pp} x dp_replicate "
             f"{lay.dp_replicate} x dp_shard {lay.dp_shard}, ep {lay.ep}) on {self.ctx.device.type} | "
-            f"{n_params / 1e6:.2f}M params"
+            f"{self.n_params / 1e6:.2f}M params"
         )
 
     def log_memory(self) -> None:

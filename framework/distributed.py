@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ def init_distributed(timeout_s: int = 600) -> DistContext:
         device, backend = torch.device("cpu"), "gloo"
     if "MASTER_ADDR" not in os.environ:  # a plain `python -m framework.train`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group(
         backend=backend,
         rank=rank,
@@ -50,9 +51,8 @@ def init_distributed(timeout_s: int = 600) -> DistContext:
     return DistContext(rank, world, local_rank, device)
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a rendezvous on this machine."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -8,7 +8,6 @@ import datetime
 import math
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
+
+from framework.distributed import free_port  # noqa: E402
 
 INIT_STD = 0.02
 MIB = 1024 * 1024
@@ -245,16 +246,10 @@ def _measure(rank: int, world: int, cfg: dict, out_path: str) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ep(ep: int, cfg: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rank0.pt")
-        mp.start_processes(_worker, args=(ep, _free_port(), cfg, out_path), nprocs=ep, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(ep, free_port(), cfg, out_path), nprocs=ep, join=True, start_method="spawn")
         return torch.load(out_path, weights_only=True)
 
 

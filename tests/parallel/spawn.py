@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from framework.distributed import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:
@@ -41,7 +36,7 @@ def run_workers(fn: Callable, world: int, *args, timeout: float = 300) -> object
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.pt")
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out)) for r in range(world)]
         for p in procs:
             p.start()

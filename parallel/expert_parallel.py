@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
-from parallel.token_dispatch import DispatchMeta, unpermute_and_weight
+from parallel.token_dispatch import DispatchMeta, weighted_sum_to_tokens
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class AllToAllDispatcher:
         expert_N = topk_idx_TK.reshape(-1)
         # Experts are laid out rank by rank, so sorting by expert also sorts by destination.
         order_N = torch.argsort(expert_N, stable=True)
-        x_ND = x_TD[order_N // K]
+        x_ND = x_TD.index_select(0, order_N // K)
         counts_E = torch.bincount(expert_N, minlength=num_experts)
         # recv_counts[s, j]: rows source rank s sends to my local expert j.
         recv_counts = torch.empty_like(counts_E)
@@ -55,13 +55,15 @@ class AllToAllDispatcher:
         source, expert = block_M // local, block_M % local
         regroup_M = torch.argsort(expert * self.ep_size + source, stable=True)
         meta = AllToAllMeta(order_N, T, K, send_splits, recv_splits, regroup_M)
-        return x_MD[regroup_M], recv_RL.sum(0), meta
+        return x_MD.index_select(0, regroup_M), recv_RL.sum(0), meta
 
     def combine(self, y_MD, meta, topk_weights_TK):
         inverse_M = torch.empty_like(meta.regroup_M)
         inverse_M[meta.regroup_M] = torch.arange(meta.regroup_M.numel(), device=meta.regroup_M.device)
-        y_ND = all_to_all_single_autograd(y_MD[inverse_M], meta.send_splits, meta.recv_splits, self.group)
-        return unpermute_and_weight(y_ND, meta, topk_weights_TK)
+        y_ND = all_to_all_single_autograd(
+            y_MD.index_select(0, inverse_M), meta.send_splits, meta.recv_splits, self.group
+        )
+        return weighted_sum_to_tokens(y_ND, meta, topk_weights_TK)
 
     def _count_cross_node(self, send_splits: list[int]) -> None:
         my_node = self.ep_rank // self.ep_per_node

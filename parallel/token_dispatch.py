@@ -45,18 +45,19 @@ class LocalDispatcher:
         T, K = topk_idx_TK.shape
         expert_N = topk_idx_TK.reshape(-1)
         order_N = torch.argsort(expert_N, stable=True)
-        x_ND = x_TD[order_N // K]
+        x_ND = x_TD.index_select(0, order_N // K)  # its backward is a cheap index_add
         tokens_per_expert_E = torch.bincount(expert_N, minlength=num_experts)
         return x_ND, tokens_per_expert_E, DispatchMeta(order_N, T, K)
 
     def combine(self, y_ND, meta, topk_weights_TK):
-        return unpermute_and_weight(y_ND, meta, topk_weights_TK)
+        return weighted_sum_to_tokens(y_ND, meta, topk_weights_TK)
 
 
-def unpermute_and_weight(y_ND: torch.Tensor, meta: DispatchMeta, topk_weights_TK: torch.Tensor) -> torch.Tensor:
-    """Put rows back in (token, slot) order, weight them, and sum the slots in fp32."""
-    inverse_N = torch.empty_like(meta.order_N)
-    inverse_N[meta.order_N] = torch.arange(meta.order_N.numel(), device=meta.order_N.device)
-    y_TKD = y_ND[inverse_N].view(meta.num_tokens, meta.top_k, -1)
-    out_TD = (y_TKD.float() * topk_weights_TK.unsqueeze(-1)).sum(1)
+def weighted_sum_to_tokens(y_ND: torch.Tensor, meta: DispatchMeta, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """Scale each row by its gate weight and add it into its token's output, in fp32.
+    One pass over the rows, no inverse permutation and no [T, K, D] intermediate."""
+    token_N = meta.order_N // meta.top_k
+    gate_N = topk_weights_TK.reshape(-1).index_select(0, meta.order_N)
+    rows_ND = y_ND.float() * gate_N.unsqueeze(-1)
+    out_TD = rows_ND.new_zeros(meta.num_tokens, y_ND.shape[-1]).index_add(0, token_N, rows_ND)
     return out_TD.to(y_ND.dtype)

@@ -14,11 +14,11 @@ import torch
 
 
 def looped_mm(x_ND: torch.Tensor, w_EDH: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Reference: rows [offsets[e-1], offsets[e]) of x times w[e], one matmul per expert."""
-    outs, start = [], 0
-    for e, end in enumerate(offsets_E.tolist()):
-        outs.append(x_ND[start:end] @ w_EDH[e])
-        start = end
+    """Reference: rows [offsets[e-1], offsets[e]) of x times w[e], one matmul per expert.
+    split/unbind (not slicing) so the backward concatenates instead of allocating a
+    full-size zero gradient per expert."""
+    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
+    outs = [x @ w for x, w in zip(x_ND.split(counts), w_EDH.unbind(0), strict=True)]
     return torch.cat(outs) if outs else x_ND.new_zeros(0, w_EDH.shape[-1])
 
 

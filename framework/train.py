@@ -68,13 +68,7 @@ class Trainer:
             out = self.model(batch.to(self.ctx.device, non_blocking=True))
             (out.loss / len(micro_batches)).backward()
             loss_sum += out.lm_loss
-        grad_norm = clip_grad_norm(
-            self.dense_params,
-            self.expert_params,
-            self.cfg.optim.grad_clip,
-            self.expert_mesh["ep"].get_group(),
-            self.ctx.device,
-        )
+        grad_norm = clip_grad_norm(self.dense_params, self.expert_params, self.cfg.optim.grad_clip, self.ctx.device)
         self.optimizer.step()
         self.scheduler.step()
         if self.step == 0:  # the one moment params, grads and optimizer state all exist

@@ -3,7 +3,9 @@
 `AllToAllDispatcher` has the same dispatch()/combine() as the local one: exchange
 per-expert counts, permute tokens by destination, one variable-size all-to-all (autograd
 flows through it), regroup by local expert; combine runs the same steps backwards.
-`apply_expert_parallel` swaps it into every MoE layer and keeps only the local experts.
+`apply_expert_parallel` swaps it into every MoE layer and turns each expert weight into
+a DTensor sharded over the EP ranks: each rank holds its experts, while the weight keeps
+its global shape, so checkpoints and full_tensor() see the whole expert stack.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from parallel.token_dispatch import DispatchMeta, weighted_sum_to_tokens
 
@@ -70,14 +73,15 @@ class AllToAllDispatcher:
         self.cross_node_rows += sum(n for r, n in enumerate(send_splits) if r // self.ep_per_node != my_node)
 
 
-def _keep_local_experts(moe: nn.Module, ep_rank: int, ep_size: int) -> None:
-    experts = moe.experts
-    local = experts.num_experts // ep_size
-    keep = slice(ep_rank * local, (ep_rank + 1) * local)
+def _shard_experts(experts: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Keep this rank's slice of each [E, ...] weight as a DTensor Shard(0) on the EP mesh.
+    Every rank built the same full weights, so no data moves."""
+    ep_size, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
     for name in ("w1", "w2", "w3"):
         full = getattr(experts, name)
-        setattr(experts, name, nn.Parameter(full.detach()[keep].clone(), requires_grad=full.requires_grad))
-    experts.num_experts = local
+        local = full.detach().chunk(ep_size, dim=0)[ep_rank].clone()
+        sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
+        setattr(experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
 
 
 def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh, ep_per_node: int) -> None:
@@ -89,5 +93,5 @@ def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh, ep_per_node
         return
     group = ep_mesh.get_group()
     for moe in model.moe_layers():
-        _keep_local_experts(moe, ep_rank, ep_size)
+        _shard_experts(moe.experts, ep_mesh)
         moe.dispatcher = AllToAllDispatcher(group, ep_rank, ep_size, ep_per_node)

@@ -1,7 +1,7 @@
 """Gradient-norm clipping across meshes: dense grads live on the dp mesh, experts on theirs.
 
-torch's clip_grad_norm_ cannot mix DTensors of different meshes, and an expert's mesh does
-not include the other EP ranks' experts, so the squared norms are combined by hand.
+torch's clip_grad_norm_ cannot mix DTensors of different meshes, so each mesh's norm is
+taken on its own (full_tensor() sums over its shards) and the squares are added.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 
@@ -23,18 +22,12 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
 
 
 def clip_grad_norm(
-    dense: list[nn.Parameter],
-    experts: list[nn.Parameter],
-    max_norm: float,
-    ep_group: dist.ProcessGroup | None,
-    device: torch.device,
+    dense: list[nn.Parameter], experts: list[nn.Parameter], max_norm: float, device: torch.device
 ) -> torch.Tensor:
     """Scale every gradient so the global L2 norm is at most max_norm (0 or inf: never).
     -> the norm before clipping."""
     dense_sq = _squared_norm([p.grad for p in dense if p.grad is not None], device)
     expert_sq = _squared_norm([p.grad for p in experts if p.grad is not None], device)
-    if ep_group is not None and dist.get_world_size(ep_group) > 1:
-        dist.all_reduce(expert_sq, group=ep_group)  # other EP ranks hold other experts
     total = (dense_sq + expert_sq).sqrt()
     if max_norm > 0 and math.isfinite(max_norm):
         coef = min(1.0, max_norm / (total.item() + 1e-6))

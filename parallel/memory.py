@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 
-def _local_bytes(t: torch.Tensor | None) -> int:
+def local_bytes(t: torch.Tensor | None) -> int:
     if t is None or not isinstance(t, torch.Tensor):
         return 0
     local = t.to_local() if hasattr(t, "to_local") else t
@@ -16,9 +16,9 @@ def _local_bytes(t: torch.Tensor | None) -> int:
 def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes this rank holds (local shards only, not the global tensors)."""
     params = list(model.parameters())
-    optim_bytes = sum(_local_bytes(v) for state in optimizer.state.values() for v in state.values())
+    optim_bytes = sum(local_bytes(v) for state in optimizer.state.values() for v in state.values())
     return {
-        "param_bytes": sum(_local_bytes(p) for p in params),
-        "grad_bytes": sum(_local_bytes(p.grad) for p in params),
+        "param_bytes": sum(local_bytes(p) for p in params),
+        "grad_bytes": sum(local_bytes(p.grad) for p in params),
         "optimizer_bytes": optim_bytes,
     }

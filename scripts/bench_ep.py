@@ -23,6 +23,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 from framework.distributed import free_port  # noqa: E402
+from parallel.memory import local_bytes  # noqa: E402
 
 INIT_STD = 0.02
 MIB = 1024 * 1024
@@ -214,9 +215,10 @@ def _measure(rank: int, world: int, cfg: dict, out_path: str) -> None:
             bwd.append(timer.bwd)
             counts.append(timer.counts)
 
-    param_bytes = sum(p.numel() * p.element_size() for p in moe.parameters())
-    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in moe.parameters() if p.grad is not None)
-    expert_params = sum(p.numel() for p in moe.experts.parameters())
+    # Expert weights are DTensors with their global shape: count only this rank's shard.
+    param_bytes = sum(local_bytes(p) for p in moe.parameters())
+    grad_bytes = sum(local_bytes(p.grad) for p in moe.parameters())
+    expert_params = sum(local_bytes(p) // p.element_size() for p in moe.experts.parameters())
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     rows_per_step = rows[-1]
     with torch.no_grad():

@@ -44,8 +44,7 @@ def _train(rank: int, world: int, cfg_yaml: str, steps: int) -> dict:
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
         loads.append(trainer.last_loads.clone())
-    ep_group = trainer.expert_mesh["ep"].get_group()
-    state = full_state_dict(trainer.model, ep_group)
+    state = full_state_dict(trainer.model)
     biases = torch.stack([m.router.expert_bias for m in trainer.model.moe_layers()])
     all_biases = [torch.empty_like(biases) for _ in range(world)]
     dist.all_gather(all_biases, biases)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from framework.model.moe.grouped_gemm import grouped_mm
 
@@ -22,7 +23,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x rows are grouped by expert, tokens_per_expert_E[e] rows for expert e."""
-        w1, w2, w3 = self.w1, self.w2, self.w3
+        # Under expert parallelism the weights are DTensors sharded over EP ranks; the
+        # rows that reach this rank are for the local experts only.
+        w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
         device = x_ND.device.type
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)

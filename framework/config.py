@@ -83,6 +83,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4
+    on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
 
 
 @dataclass
@@ -102,6 +103,19 @@ class LauncherConfig:
     nproc_per_node: int = 2
     nnodes: int = 1
     max_restarts: int = 0
+
+
+class CheckpointConfig:
+    """Checkpoint cadence and retention (the public key `async` is a Python keyword)."""
+
+    interval: int = 0  # steps between saves; 0 saves only at the end (and on SIGTERM/SIGUSR1)
+    keep: int = 3  # newest committed checkpoints kept
+
+
+# `checkpoint.async` is the public key users type, so the field is added by name.
+CheckpointConfig.__annotations__["async"] = bool
+setattr(CheckpointConfig, "async", False)
+CheckpointConfig = dataclass(init=False, repr=False, eq=False)(CheckpointConfig)
 
 
 @dataclass
@@ -126,8 +140,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = ""
+    resume: str = "auto"  # auto: newest usable checkpoint in run_dir | never | PATH
     extra: dict[str, Any] = field(default_factory=dict)
 
 

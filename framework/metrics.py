@@ -14,13 +14,18 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
-    def __init__(self, cfg, enabled: bool):
+    def __init__(self, cfg, enabled: bool, wandb_run_id: str | None = None):
         self.enabled = enabled
         self.total_steps = cfg.train.steps
         self.path = Path(cfg.run_dir) / METRICS_FILE
         self.wandb_run = None
         if enabled and cfg.logging.wandb.mode != "disabled":
-            self.wandb_run = _init_wandb(cfg)
+            self.wandb_run = _init_wandb(cfg, wandb_run_id)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """Saved in checkpoints, so a resumed run continues the same wandb run."""
+        return self.wandb_run.id if self.wandb_run is not None else None
 
     def log(self, record: dict) -> None:
         """One JSON object per call appended to metrics.jsonl (and sent to wandb)."""
@@ -57,7 +62,7 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
-def _init_wandb(cfg):
+def _init_wandb(cfg, run_id: str | None):
     """wandb in the run directory; offline mode needs no network and no API key."""
     import wandb
     from omegaconf import OmegaConf
@@ -69,4 +74,6 @@ def _init_wandb(cfg):
         dir=cfg.run_dir,
         mode=cfg.logging.wandb.mode,
         config=OmegaConf.to_container(cfg, resolve=True),
+        id=run_id,
+        resume="allow" if run_id else None,
     )

@@ -7,11 +7,14 @@ config file the launcher wrote is the only input, the CLI is never re-parsed her
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+from checkpoint.manager import CheckpointManager, NoCheckpointError
 from framework.config import load_run_config
 from framework.data.build import build_data
 from framework.distributed import DistContext, init_distributed, shutdown
@@ -25,6 +28,17 @@ from parallel.grad_clip import clip_grad_norm
 from parallel.layout import resolve_layout
 from parallel.memory import memory_report
 from parallel.mesh import build_expert_mesh, build_mesh, dp_mesh, dp_rank_and_size, expert_dp_mesh
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run me again
+NON_FINITE_EXIT_CODE = 3
+
+
+class TrainingStopped(Exception):
+    """A clean stop with a one-line reason (rank 0 prints it) and an exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Trainer:
@@ -55,8 +69,22 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
 
         self.loader, self.val_batches = build_data(cfg, self.dp_rank, self.dp_size)
-        self.logger = MetricsLogger(cfg, enabled=ctx.is_main)
         self.step = 0
+        self.stop_requested = False
+        self.peak_memory: dict | None = None
+
+        ck = cfg.checkpoint
+        self.checkpoints = CheckpointManager(cfg.run_dir, ck.keep, ck["async"], ctx.rank, ctx.world_size)
+        self.resumed_from = self.checkpoints.find(cfg.resume)
+        wandb_run_id = None
+        if self.resumed_from is not None:
+            self.checkpoints.load(self.resumed_from, self.model, self.optimizer)
+            state = self.resumed_from.trainer_state
+            self.step = state["step"]
+            self.loader.sampler.load_state_dict(state["sampler"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            wandb_run_id = state.get("wandb_run_id")
+        self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=wandb_run_id)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches, clip, step. -> (loss, grad norm)."""
@@ -69,9 +97,30 @@ class Trainer:
             (out.loss / len(micro_batches)).backward()
             loss_sum += out.lm_loss
         grad_norm = clip_grad_norm(self.dense_params, self.expert_params, self.cfg.optim.grad_clip, self.ctx.device)
+        # One small all-reduce carries both "someone saw a non-finite loss" and "someone got
+        # SIGTERM", so every rank takes the same branch.
+        flags = torch.tensor(
+            [float(not torch.isfinite(loss_sum) or not torch.isfinite(grad_norm)), float(self.stop_requested)],
+            device=self.ctx.device,
+        )
+        dist.all_reduce(flags)
+        self.stop_requested = bool(flags[1] > 0)
+        if flags[0] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            for moe in self.model.moe_layers():
+                moe.tokens_per_expert.zero_()
+            if self.cfg.train.on_nan == "stop":
+                raise TrainingStopped(
+                    f"non-finite loss or gradient at step {self.step + 1}; stopping without saving "
+                    "(train.on_nan=skip skips such steps)",
+                    NON_FINITE_EXIT_CODE,
+                )
+            self.scheduler.step()  # skip: the data and the schedule move on, the weights do not
+            self.last_loads = []
+            return loss_sum / len(micro_batches), grad_norm
         self.optimizer.step()
         self.scheduler.step()
-        if self.step == 0:  # the one moment params, grads and optimizer state all exist
+        if self.peak_memory is None:  # the one moment params, grads and optimizer state all exist
             self.peak_memory = memory_report(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.update_router_biases()
@@ -122,17 +171,21 @@ class Trainer:
         dist.all_reduce(peak)  # the whole job's measured peak
         self.log_start()
 
+        if self.resumed_from is not None:
+            self.logger.console(f"resumed from {self.resumed_from.path} at step {self.step}")
         first_val = self.evaluate()
-        self.logger.console(f"step 0 | val {first_val:.4f}")
-        self.logger.log({"step": 0, "val_loss": first_val})
+        self.logger.console(f"step {self.step} | val {first_val:.4f}")
+        self.logger.log({"step": self.step, "val_loss": first_val})
         val = first_val
         window_loss = torch.zeros((), device=ctx.device)
         window_steps, window_start = 0, time.perf_counter()
+        first_step_here = True
         while self.step < t.steps:
             loss, grad_norm = self.train_step()
             self.step += 1
-            if self.step == 1:  # optimizer state exists only after the first step
+            if first_step_here:  # optimizer state exists only after a step
                 self.log_memory()
+                first_step_here = False
             window_loss += loss.detach()
             window_steps += 1
             last = self.step == t.steps
@@ -152,8 +205,41 @@ class Trainer:
                 window_steps, window_start = 0, time.perf_counter()
             if len(record) > 1:
                 self.logger.log(record)
+            interval = cfg.checkpoint.interval
+            if self.stop_requested:
+                self.save()
+                self.checkpoints.wait()
+                raise TrainingStopped(
+                    f"stopped by signal after step {self.step}; checkpoint saved, requeue to resume",
+                    REQUEUE_EXIT_CODE,
+                )
+            if last or (interval and self.step % interval == 0):
+                self.save()
+        self.checkpoints.wait()
         self.logger.console(f"validation loss: first {first_val:.4f} -> final {val:.4f}")
         self.logger.finish()
+
+    def save(self) -> None:
+        """Checkpoint the whole training state; refuses weights that are not finite."""
+        finite = torch.tensor(
+            float(
+                all(
+                    torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in self.model.parameters()
+                )
+            ),
+            device=self.ctx.device,
+        )
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise TrainingStopped(f"weights are not finite at step {self.step}; not saving", NON_FINITE_EXIT_CODE)
+        state = {
+            "step": self.step,
+            "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.model.seq_len,
+            "sampler": self.loader.sampler.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "wandb_run_id": self.logger.wandb_run_id,
+        }
+        self.checkpoints.save(self.step, self.model, self.optimizer, state)
 
     def step_record(self, stats, tokens_per_s: float, flops_per_token: float, peak: float) -> dict:
         loads = self.last_loads
@@ -199,7 +285,25 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_run_config(args.config)
     ctx = init_distributed()
-    Trainer(cfg, ctx).run()
+    try:
+        trainer = Trainer(cfg, ctx)
+    except NoCheckpointError as err:
+        if ctx.is_main:
+            print(f"moe-launch: error: {err}", file=sys.stderr, flush=True)
+        shutdown(2)
+
+    def request_stop(signum, frame):  # SLURM sends SIGTERM/SIGUSR1 before preemption
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGUSR1, request_stop)
+    try:
+        trainer.run()
+    except TrainingStopped as stop:
+        if ctx.is_main:
+            print(f"moe-launch: {stop}", file=sys.stderr, flush=True)
+        trainer.logger.finish()
+        shutdown(stop.exit_code)
     shutdown(0)
 
 

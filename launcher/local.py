@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 TRAIN_ENTRY_MODULE = "framework.train"
+REQUEUE_EXIT_CODE = 75  # the ranks' code for "stopped by a signal after saving; resubmit me"
 
 
 class LocalLauncher:
@@ -32,10 +33,23 @@ class LocalLauncher:
         ]
 
     def launch(self, command: list[str]) -> int:
-        """Run torchrun in the foreground; Ctrl-C reaches it (and the ranks) once."""
+        """Run torchrun in the foreground. SIGTERM/SIGUSR1 (what SLURM sends before
+        preemption) become a SIGTERM to torchrun, which passes it to the ranks: they finish
+        the step, save a checkpoint, and this returns REQUEUE_EXIT_CODE."""
         proc = subprocess.Popen(command)
+        signalled = []
+
+        def forward(signum, frame):
+            signalled.append(signum)
+            proc.send_signal(signal.SIGTERM)  # torchrun has no SIGUSR1 handler of its own
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
-            return proc.wait()
+            code = proc.wait()
         except KeyboardInterrupt:
             proc.send_signal(signal.SIGINT)
-            return proc.wait()
+            code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return REQUEUE_EXIT_CODE if signalled else code

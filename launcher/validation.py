@@ -24,6 +24,7 @@ OPTIMIZERS = ("adamw",)
 DATA_SOURCES = ("file", "synthetic")
 LAUNCHERS = ("local",)
 WANDB_MODES = ("disabled", "offline", "online")
+ON_NAN = ("stop", "skip")
 CPU_PROCS_FLOOR = 8  # gloo tests run up to 8 ranks even on a 2-core machine
 
 
@@ -209,6 +210,20 @@ def validate_launcher(cfg: DictConfig) -> None:
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
 
 
+def validate_checkpoint(cfg: DictConfig) -> None:
+    ck = cfg.checkpoint
+    _non_negative(ck, "checkpoint", "interval")
+    _positive(ck, "checkpoint", "keep")
+    _one_of("train.on_nan", cfg.train.on_nan, ON_NAN)
+    if cfg.resume not in ("auto", "never"):
+        _require(
+            Path(cfg.resume).is_dir(),
+            "resume",
+            cfg.resume,
+            "allowed: auto, never, or the path of a checkpoint directory (RUN_DIR/checkpoints/step-N)",
+        )
+
+
 def validate(cfg: DictConfig) -> Layout:
     """Every check, in the order a user would fix them; returns the resolved layout."""
     validate_launcher(cfg)
@@ -216,4 +231,5 @@ def validate(cfg: DictConfig) -> Layout:
     layout = validate_layout(cfg)
     validate_train(cfg, layout)
     validate_data(cfg)
+    validate_checkpoint(cfg)
     return layout

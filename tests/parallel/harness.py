@@ -57,3 +57,28 @@ def run_layout(tmp_path: Path, world: int, overrides: list[str], steps: int = 5)
     """Train `steps` steps on `world` processes; -> losses, loads, full weights, biases."""
     cfg = make_config(tmp_path / "run", world, overrides)
     return run_workers(_train, world, OmegaConf.to_yaml(cfg), steps)
+
+
+def _train_segment(rank: int, world: int, cfg_yaml: str, stop_at: int) -> dict:
+    """Resume from the run dir if a checkpoint is there, train to `stop_at`, save."""
+    from framework.distributed import DistContext
+    from framework.train import Trainer
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
+    trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+    start = trainer.step
+    losses = {}
+    while trainer.step < stop_at:
+        loss, _ = trainer.train_step()
+        trainer.step += 1
+        dist.all_reduce(loss)
+        losses[trainer.step] = loss.item() / world
+    trainer.save()
+    trainer.checkpoints.wait()
+    return {"start": start, "losses": losses}
+
+
+def train_segment(run_dir: Path, world: int, overrides: list[str], stop_at: int) -> dict:
+    """One launch of the real Trainer on `world` ranks over a shared run dir (resumes)."""
+    cfg = make_config(run_dir, world, overrides)
+    return run_workers(_train_segment, world, OmegaConf.to_yaml(cfg), stop_at)

@@ -1,0 +1,73 @@
+"""Checkpoints through the real CLI: SIGTERM saves and asks for a requeue, async save commits."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from checkpoint.manager import check_complete
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synthetic", "model.seq_len=32"]
+SMALL = ["train.global_batch_size=4", "train.micro_batch_size=2", "logging.wandb.mode=disabled"]
+
+
+def _logged_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*CLI, *SMALL, f"run_dir={run_dir}", "train.steps=100000", "train.log_every=1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 180
+    while len(_logged_steps(run_dir)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert _logged_steps(run_dir), "training never got going"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and check_complete(ckpts[0]) is None
+    saved_step = json.loads((ckpts[0] / "trainer_state.json").read_text())["step"]
+    assert saved_step >= max(_logged_steps(run_dir))  # nothing trained was lost
+    assert "checkpoint saved, requeue to resume" in err
+
+    # The requeued job picks it up on its own (resume=auto) and finishes.
+    again = subprocess.run(
+        [*CLI, *SMALL, f"run_dir={run_dir}", f"train.steps={saved_step + 2}"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"at step {saved_step}" in again.stdout
+
+
+def test_async_checkpoints_commit_and_resume_refuses_a_bad_path(tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [*CLI, *SMALL, f"run_dir={run_dir}", "train.steps=6", "checkpoint.interval=2", "checkpoint.async=true"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step-00000002", "step-00000004", "step-00000006"]
+    assert all(check_complete(run_dir / "checkpoints" / n) is None for n in names)
+
+    bad = subprocess.run([*CLI, *SMALL, f"resume={tmp_path / 'nope'}"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith(f"moe-launch: error: resume={tmp_path / 'nope'}:")

@@ -21,11 +21,13 @@ Train Mixture-of-Experts language models with expert, data and pipeline parallel
 
 commands:
   train     compose a config, validate it, and start the ranks with torchrun
+  export    write a checkpoint's weights to one .safetensors or .pt file
 
 examples:
   moe-launch train config=tiny                       # the embedded default: CPU, 2 processes
   moe-launch train config=tiny optim.lr=1e-3 train.steps=50
   moe-launch train config=my_experiment.yaml model.num_experts=16 --dry-run
+  moe-launch export runs/tiny/20261125-094203 --out tiny.safetensors
 
 Run `moe-launch train --help` for the config syntax.
 """
@@ -64,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--dry-run", action="store_true", help="print the torchrun command and config, start nothing")
     train.add_argument("overrides", nargs="*", metavar="OVERRIDES", help=argparse.SUPPRESS)
+    export = sub.add_parser(
+        "export",
+        help="consolidate a checkpoint into one file",
+        description="Write the model weights of a run's newest complete checkpoint (or --step N) to one "
+        "file that loads on one process with no distributed setup: .safetensors or .pt (torch.save).",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    export.add_argument("--out", required=True, metavar="FILE", help="output path ending in .safetensors or .pt")
     return parser
 
 
@@ -96,6 +107,18 @@ def train(overrides: list[str], dry_run: bool) -> int:
     return launcher.launch(command)
 
 
+def export_weights(run_dir: str, out: str, step: int | None) -> int:
+    from checkpoint.export import ExportError, export  # torch is only needed here
+
+    try:
+        checkpoint, count = export(run_dir, out, step)
+    except ExportError as err:
+        print(f"moe-launch: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"moe-launch: wrote {count} tensors from {checkpoint} to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before or after --dry-run; argparse leaves the later ones unknown.
@@ -106,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_CONFIG_ERROR
+    if args.command == "export":
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return export_weights(args.run_dir, args.out, args.step)
     try:
         return train(args.overrides + unknown, args.dry_run)
     except ConfigError as err:

@@ -1,0 +1,138 @@
+"""Failures that cost at most one checkpoint interval: a rank killed by SIGKILL, a node lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from framework.distributed import free_port
+from tests.parallel.harness import make_config
+
+pytestmark = pytest.mark.slow
+
+INTERVAL = 2
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _trained_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in _records(run_dir) if "loss" in r]
+
+
+def _rank_pids(config_path: Path) -> list[int]:
+    """PIDs of the training ranks started for this config (children of torchrun)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        is_agent = b"torch.distributed.run" in cmdline or b"launcher.cli" in cmdline
+        if b"framework.train" in cmdline and str(config_path).encode() in cmdline and not is_agent:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _process_tree(root: int) -> list[int]:
+    """root and every process below it (torchrun may put its workers in their own groups)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        assert proc is None or proc.poll() is None, "the job ended early"
+        time.sleep(0.3)
+
+
+def test_sigkill_of_one_rank_restarts_and_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    steps = 12
+    cli = [
+        sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synthetic", "model.seq_len=32",
+        f"run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1", "train.global_batch_size=4",
+        "train.micro_batch_size=2", f"checkpoint.interval={INTERVAL}", "launcher.max_restarts=2",
+        "logging.wandb.mode=disabled",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: len(_trained_steps(run_dir)) >= 5, 180, proc)
+    killed_after = max(_trained_steps(run_dir))
+    victims = _rank_pids(run_dir / "config.yaml")
+    assert len(victims) == 2
+    os.kill(victims[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    resumed_at = int(out.split("resumed from")[1].split("at step")[1].split()[0])
+    assert killed_after - resumed_at <= INTERVAL + 1  # lost at most one interval (+ the step in flight)
+    assert max(_trained_steps(run_dir)) == steps
+
+
+def test_node_loss_reforms_at_half_the_world_and_reshards(tmp_path):
+    """Two torchrun agents on localhost emulate two nodes (2 ranks each, ep=2). Killing one
+    agent and its ranks leaves one node: it re-forms the group with 2 ranks, dp_replicate
+    shrinks from 2 to 1, the checkpoint reshards, and training finishes."""
+    run_dir = tmp_path / "run"
+    steps = 14
+    cfg = make_config(
+        run_dir,
+        2,
+        [
+            f"train.steps={steps}", "train.log_every=1", f"checkpoint.interval={INTERVAL}",
+            "parallel.ep=2", "parallel.dp_shard=2", "parallel.dp_replicate=auto",
+        ],
+    )  # fmt: skip
+    run_dir.mkdir(parents=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(OmegaConf.to_yaml(cfg))
+    port = free_port()
+    agent = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=node-loss-test",
+        "--rdzv-conf=join_timeout=60,last_call_timeout=2", "--max-restarts=3", "--monitor-interval=0.5",
+        "-m", "framework.train", "--config", str(config_path),
+    ]  # fmt: skip
+    env = {**os.environ, "TORCHELASTIC_MAX_RESTARTS": "3"}
+    survivor = subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(2)  # the survivor hosts the rendezvous store
+    doomed = subprocess.Popen(
+        agent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+    )
+    _wait_for(lambda: len(_trained_steps(run_dir)) >= 5, 240, survivor)
+    start_line = next(r for r in _records(run_dir) if "memory_per_rank" in r)
+    assert len(start_line["memory_per_rank"]) == 4  # both nodes took part
+    doomed_tree = _process_tree(doomed.pid)
+    assert len(doomed_tree) >= 3  # the agent and its 2 ranks
+    for pid in doomed_tree:  # the whole "node" dies at once
+        os.kill(pid, signal.SIGKILL)
+    doomed.wait()
+    out, err = survivor.communicate(timeout=400)
+    assert survivor.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    assert "world 2 (pp 1 x dp_replicate 1 x dp_shard 2, ep 2)" in out
+    assert max(_trained_steps(run_dir)) == steps

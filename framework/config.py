@@ -84,6 +84,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+    collective_timeout_s: int = 600  # a collective stuck this long (a peer died) fails the rank, so torchrun restarts
 
 
 @dataclass

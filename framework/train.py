@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="RUN_DIR/config.yaml written by moe-launch")
     args = parser.parse_args()
     cfg = load_run_config(args.config)
-    ctx = init_distributed()
+    ctx = init_distributed(cfg.train.collective_timeout_s)
     try:
         trainer = Trainer(cfg, ctx)
     except NoCheckpointError as err:

@@ -139,6 +139,7 @@ def validate_layout(cfg: DictConfig) -> Layout:
 def validate_train(cfg: DictConfig, layout: Layout) -> None:
     t, o = cfg.train, cfg.optim
     _positive(t, "train", "steps", "global_batch_size", "micro_batch_size", "log_every", "eval_every", "eval_batches")
+    _positive(t, "train", "collective_timeout_s")
     _one_of("train.precision", t.precision, PRECISIONS)
     per_rank = t.global_batch_size // layout.dp
     _require(

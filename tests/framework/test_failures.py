@@ -66,7 +66,9 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -
     deadline = time.time() + timeout
     while not predicate():
         assert time.time() < deadline, "timed out"
-        assert proc is None or proc.poll() is None, "the job ended early"
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the job ended early with {proc.returncode}: {err[-3000:]}")
         time.sleep(0.3)
 
 
@@ -105,6 +107,7 @@ def test_node_loss_reforms_at_half_the_world_and_reshards(tmp_path):
         [
             f"train.steps={steps}", "train.log_every=1", f"checkpoint.interval={INTERVAL}",
             "parallel.ep=2", "parallel.dp_shard=2", "parallel.dp_replicate=auto",
+            "train.collective_timeout_s=30",  # a rank stuck waiting for a dead peer fails fast
         ],
     )  # fmt: skip
     run_dir.mkdir(parents=True)
@@ -114,12 +117,12 @@ def test_node_loss_reforms_at_half_the_world_and_reshards(tmp_path):
     agent = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=node-loss-test",
-        "--rdzv-conf=join_timeout=60,last_call_timeout=2", "--max-restarts=3", "--monitor-interval=0.5",
+        "--rdzv-conf=join_timeout=60,last_call_timeout=5", "--max-restarts=10", "--monitor-interval=0.5",
         "-m", "framework.train", "--config", str(config_path),
     ]  # fmt: skip
-    env = {**os.environ, "TORCHELASTIC_MAX_RESTARTS": "3"}
+    env = {**os.environ, "TORCHELASTIC_MAX_RESTARTS": "10"}
     survivor = subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(2)  # the survivor hosts the rendezvous store
+    time.sleep(1)  # the survivor hosts the rendezvous store; both join the first round
     doomed = subprocess.Popen(
         agent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
     )

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-@pytest.mark.parametrize("script", ["bench_moe_layer.py", "bench_ep.py"])
+@pytest.mark.parametrize("script", ["bench_moe_layer.py", "bench_ep.py", "bench_checkpoint.py"])
 def test_benchmark_quick_run_prints_a_table(script):
     out = subprocess.run(
         [sys.executable, str(SCRIPTS / script), "--quick"], capture_output=True, text=True, timeout=300

@@ -38,6 +38,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
+    assert (run_dir / "checkpoints").is_dir(), err[-3000:]
     ckpts = sorted((run_dir / "checkpoints").iterdir())
     assert len(ckpts) == 1 and check_complete(ckpts[0]) is None
     saved_step = json.loads((ckpts[0] / "trainer_state.json").read_text())["step"]

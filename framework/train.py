@@ -70,7 +70,8 @@ class Trainer:
 
         self.loader, self.val_batches = build_data(cfg, self.dp_rank, self.dp_size)
         self.step = 0
-        self.stop_requested = False
+        self.stop_requested = False  # set by this rank's signal handler, at any moment
+        self.stop_agreed = False  # set only from the all-reduced flags: every rank sees the same
         self.peak_memory: dict | None = None
 
         ck = cfg.checkpoint
@@ -104,7 +105,9 @@ class Trainer:
             device=self.ctx.device,
         )
         dist.all_reduce(flags)
-        self.stop_requested = bool(flags[1] > 0)
+        # Not stop_requested itself: a signal landing after this all-reduce on one rank only
+        # would send that rank into save() while the others train on (a collective mismatch).
+        self.stop_agreed = bool(flags[1] > 0)
         if flags[0] > 0:
             self.optimizer.zero_grad(set_to_none=True)
             for moe in self.model.moe_layers():
@@ -206,7 +209,7 @@ class Trainer:
             if len(record) > 1:
                 self.logger.log(record)
             interval = cfg.checkpoint.interval
-            if self.stop_requested:
+            if self.stop_agreed:
                 self.save()
                 self.checkpoints.wait()
                 raise TrainingStopped(

@@ -78,7 +78,30 @@ def write_token_file(prefix: str | Path, tokens: np.ndarray, vocab_size: int) ->
     _replace_atomically(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
 
 
-class TokenFile:
+class _TokenArray:
+    """The read side both sources share: `_tokens` (any 1-D integer array) and `_vocab_size`."""
+
+    _tokens: np.ndarray
+    _vocab_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._tokens.shape[0])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """An int64 copy, so callers never hold a view into the memmap or wrap uint16 arithmetic."""
+        _check_window(start, length, self.num_tokens)
+        return np.array(self._tokens[start : start + length], dtype=np.int64)
+
+
+class TokenFile(_TokenArray):
     """A token file opened read-only through np.memmap, so every rank shares the OS page cache."""
 
     def __init__(self, prefix: str | Path) -> None:
@@ -117,45 +140,13 @@ class TokenFile:
         self.path = bin_path
 
     @property
-    def num_tokens(self) -> int:
-        return int(self._tokens.shape[0])
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
     def dtype(self) -> str:
         return self._dtype_name
 
-    def __len__(self) -> int:
-        return self.num_tokens
 
-    def window(self, start: int, length: int) -> np.ndarray:
-        """An int64 copy, so callers never hold a view into the memmap or wrap uint16 arithmetic."""
-        _check_window(start, length, self.num_tokens)
-        return np.array(self._tokens[start : start + length], dtype=np.int64)
-
-
-class InMemoryTokens:
+class InMemoryTokens(_TokenArray):
     """The TokenSource for tokens generated on the fly (synthetic data, tests)."""
 
     def __init__(self, tokens: np.ndarray, vocab_size: int) -> None:
         self._tokens = _check_tokens(tokens, vocab_size)
         self._vocab_size = vocab_size
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self._tokens.shape[0])
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    def __len__(self) -> int:
-        return self.num_tokens
-
-    def window(self, start: int, length: int) -> np.ndarray:
-        """An int64 copy, matching TokenFile so callers may mutate it freely."""
-        _check_window(start, length, self.num_tokens)
-        return np.array(self._tokens[start : start + length], dtype=np.int64)

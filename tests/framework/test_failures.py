@@ -79,6 +79,7 @@ def test_sigkill_of_one_rank_restarts_and_finishes(tmp_path):
         sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synthetic", "model.seq_len=32",
         f"run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1", "train.global_batch_size=4",
         "train.micro_batch_size=2", f"checkpoint.interval={INTERVAL}", "launcher.max_restarts=5",
+        "train.collective_timeout_s=30",  # a restarted round stuck connecting fails fast and retries
         "logging.wandb.mode=disabled",
     ]  # fmt: skip
     proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -98,7 +98,8 @@ def train(overrides: list[str], dry_run: bool) -> int:
     validate(cfg)
     launcher = LocalLauncher()
     if dry_run:
-        print(shlex.join(launcher.command(cfg, resolved_config_path(cfg))))
+        env = [f"{k}={v}" for k, v in launcher.environment().items()]
+        print(shlex.join(["env", *env, *launcher.command(cfg, resolved_config_path(cfg))]))
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
     config_path = write_resolved_config(cfg)

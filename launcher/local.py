@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,12 @@ from omegaconf import DictConfig
 
 TRAIN_ENTRY_MODULE = "framework.train"
 REQUEUE_EXIT_CODE = 75  # the ranks' code for "stopped by a signal after saving; resubmit me"
+
+# torchrun's agent shares its rendezvous TCPStore with the ranks by default, and keys outlive a
+# restart round: a restarted rank can read a dead peer's gloo/NCCL address from the round before
+# and fail with "connection refused" (pytorch/pytorch#135712). With this set, rank 0 of each round
+# hosts a fresh store on a new port, so every restart starts from an empty store.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 class LocalLauncher:
@@ -32,11 +39,15 @@ class LocalLauncher:
             str(config_path),
         ]
 
+    def environment(self) -> dict[str, str]:
+        """Variables set for torchrun on top of the caller's environment."""
+        return dict(TORCHRUN_ENV)
+
     def launch(self, command: list[str]) -> int:
         """Run torchrun in the foreground. SIGTERM/SIGUSR1 (what SLURM sends before
         preemption) become a SIGTERM to torchrun, which passes it to the ranks: they finish
         the step, save a checkpoint, and this returns REQUEUE_EXIT_CODE."""
-        proc = subprocess.Popen(command)
+        proc = subprocess.Popen(command, env={**os.environ, **self.environment()})
         signalled = []
 
         def forward(signum, frame):

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from checkpoint.manager import CHECKPOINTS_DIR, check_complete, step_dir_name
+from checkpoint.commit import CHECKPOINTS_DIR, check_complete, step_dir_name
 
 FORMATS = (".safetensors", ".pt")
 

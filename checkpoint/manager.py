@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import sys
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,16 @@ from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-CHECKPOINTS_DIR = "checkpoints"
-COMMIT_MARKER = "COMMITTED"
-TRAINER_STATE = "trainer_state.json"
-STEP_DIR = re.compile(r"^step-(\d{8})$")
+from checkpoint.commit import (
+    CHECKPOINTS_DIR,
+    COMMIT_MARKER,
+    TRAINER_STATE,
+    check_complete,
+    file_sizes,
+    fsync_dir,
+    step_dir_name,
+    step_dirs,
+)
 
 
 class NoCheckpointError(RuntimeError):
@@ -42,63 +48,34 @@ class Found:
     trainer_state: dict[str, Any]
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def _file_sizes(directory: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMMIT_MARKER}
-
-
-def check_complete(path: Path) -> str | None:
-    """None if the checkpoint is whole, else why not (one phrase)."""
-    marker = path / COMMIT_MARKER
-    if not marker.is_file():
-        return "no COMMITTED marker"
-    try:
-        expected = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
-        return "unreadable COMMITTED marker"
-    actual = _file_sizes(path)
-    for name, size in expected.items():
-        if name not in actual:
-            return f"missing {name}"
-        if actual[name] != size:
-            return f"{name} is {actual[name]} bytes, expected {size} (truncated?)"
-    return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CheckpointManager:
     """Save, retain and find checkpoints under RUN_DIR/checkpoints."""
 
-    def __init__(self, run_dir: str | Path, keep: int, async_save: bool, rank: int, world_size: int):
+    def __init__(
+        self, run_dir: str | Path, keep: int, async_save: bool, rank: int, world_size: int, write_threads: int = 2
+    ):
         self.root = Path(run_dir) / CHECKPOINTS_DIR
-        self.keep, self.async_save = keep, async_save
+        self.keep, self.async_save, self.write_threads = keep, async_save, write_threads
         self.rank, self.world_size = rank, world_size
-        self._pending: tuple[Any, Path, Path, dict] | None = None  # (future, tmp, final, trainer_state)
+        self._pending: tuple[Future, Path, Path, str] | None = None  # (upload, tmp, final, trainer_state json)
+        self._staging: Future | None = None  # done once the async save's host copy is complete
         # Async saves run collectives from a background thread: give them their own group so
         # they never interleave with training's collectives on the default group.
         self._async_group = dist.new_group(backend="gloo") if async_save else None
-        # One stager for the whole run: it keeps its host-memory buffers, so later saves only
-        # copy into them instead of allocating ~the whole state again (4x less blocking here).
+        # One stager for the whole run: it keeps its host buffers, so later saves copy into
+        # them instead of allocating the whole state again. The copy runs on the stager's
+        # thread (use_async_staging), so save() returns at once and training overlaps the
+        # copy up to wait_staged(), the fence before the weights change.
         on_gpu = torch.cuda.is_available()
-        self._stager = DefaultStager(StagingOptions(on_gpu, False, False, on_gpu)) if async_save else None
+        options = StagingOptions(
+            use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=on_gpu
+        )
+        self._stager = DefaultStager(options) if async_save else None
 
     # ---- finding -------------------------------------------------------------------------
     def committed(self) -> list[Path]:
         """Committed checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        dirs = [p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-        return sorted(dirs, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+        return step_dirs(self.root)
 
     def find(self, resume: str) -> Found | None:
         """resume=auto: the newest whole checkpoint (None if there is none); never: None;
@@ -124,8 +101,9 @@ class CheckpointManager:
 
     # ---- saving --------------------------------------------------------------------------
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> None:
-        """Collective. Sync: returns when committed. Async: returns once tensors are staged in
-        host memory; the write finishes in the background and commits at the next save/wait."""
+        """Collective. Sync: returns when committed. Async: returns once the host copy has
+        started; call wait_staged() before the weights change; the write finishes in the
+        background and commits at the next save, wait() or close()."""
         self.wait()
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
@@ -136,38 +114,57 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         torch.save(_rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
+        # Frozen now: the trainer's dicts (sampler, scheduler) move on while an async save runs.
+        trainer_json = json.dumps({**trainer_state, "world_size": self.world_size}, indent=1)
+        writer = dcp.FileSystemWriter(str(tmp), thread_count=self.write_threads, sync_files=True)
         if self.async_save:
-            future = dcp.async_save(
-                state, checkpoint_id=str(tmp), process_group=self._async_group, async_stager=self._stager
+            response = dcp.async_save(
+                state, storage_writer=writer, process_group=self._async_group, async_stager=self._stager
             )
-            self._pending = (future, tmp, final, trainer_state)
+            self._staging = response.staging_completion
+            self._pending = (response.upload_completion, tmp, final, trainer_json)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
-            self._commit(tmp, final, trainer_state)
+            dcp.save(state, storage_writer=writer)
+            self._commit(tmp, final, trainer_json)
+
+    def wait_staged(self) -> None:
+        """Block until an async save has copied every tensor to host memory (not collective).
+        Call it before anything changes weights, optimizer state or buffers in place."""
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
 
     def wait(self) -> None:
         """Finish and commit an async save still in flight (collective)."""
         if self._pending is None:
             return
-        future, tmp, final, trainer_state = self._pending
+        upload, tmp, final, trainer_json = self._pending
         self._pending = None
-        future.result()
-        self._commit(tmp, final, trainer_state)
+        self.wait_staged()
+        upload.result()
+        self._commit(tmp, final, trainer_json)
 
-    def _commit(self, tmp: Path, final: Path, trainer_state: dict) -> None:
-        dist.barrier()  # every rank's shards and RNG file are on disk
+    def close(self) -> None:
+        """Commit what is in flight and free the staging buffers and threads (collective)."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _commit(self, tmp: Path, final: Path, trainer_json: str) -> None:
+        dist.barrier()  # every rank's shards and RNG file are on disk (DCP fsynced its shards)
         if self.rank == 0:
-            state = {**trainer_state, "world_size": self.world_size}
-            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-            for f in tmp.iterdir():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-            (tmp / COMMIT_MARKER).write_text(json.dumps({"files": _file_sizes(tmp)}))
-            _fsync_dir(tmp)
+            (tmp / TRAINER_STATE).write_text(trainer_json)
+            for f in tmp.iterdir():  # the RNG files, the trainer state, DCP's metadata
+                if not f.name.endswith(".distcp"):
+                    with f.open("rb") as fh:
+                        os.fsync(fh.fileno())
+            (tmp / COMMIT_MARKER).write_text(json.dumps({"files": file_sizes(tmp)}))
+            fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. final save after a signal)
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             self._retain()
         dist.barrier()
 

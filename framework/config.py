@@ -111,6 +111,7 @@ class CheckpointConfig:
 
     interval: int = 0  # steps between saves; 0 saves only at the end (and on SIGTERM/SIGUSR1)
     keep: int = 3  # newest committed checkpoints kept
+    write_threads: int = 2  # writer threads per rank (one shard file each); DCP's default is 1
 
 
 # `checkpoint.async` is the public key users type, so the field is added by name.

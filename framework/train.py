@@ -75,7 +75,9 @@ class Trainer:
         self.peak_memory: dict | None = None
 
         ck = cfg.checkpoint
-        self.checkpoints = CheckpointManager(cfg.run_dir, ck.keep, ck["async"], ctx.rank, ctx.world_size)
+        self.checkpoints = CheckpointManager(
+            cfg.run_dir, ck.keep, ck["async"], ctx.rank, ctx.world_size, write_threads=ck.write_threads
+        )
         self.resumed_from = self.checkpoints.find(cfg.resume)
         wandb_run_id = None
         if self.resumed_from is not None:
@@ -121,6 +123,7 @@ class Trainer:
             self.scheduler.step()  # skip: the data and the schedule move on, the weights do not
             self.last_loads = []
             return loss_sum / len(micro_batches), grad_norm
+        self.checkpoints.wait_staged()  # an async save may still be copying these weights
         self.optimizer.step()
         self.scheduler.step()
         if self.peak_memory is None:  # the one moment params, grads and optimizer state all exist
@@ -211,14 +214,14 @@ class Trainer:
             interval = cfg.checkpoint.interval
             if self.stop_agreed:
                 self.save()
-                self.checkpoints.wait()
+                self.checkpoints.close()
                 raise TrainingStopped(
                     f"stopped by signal after step {self.step}; checkpoint saved, requeue to resume",
                     REQUEUE_EXIT_CODE,
                 )
             if last or (interval and self.step % interval == 0):
                 self.save()
-        self.checkpoints.wait()
+        self.checkpoints.close()
         self.logger.console(f"validation loss: first {first_val:.4f} -> final {val:.4f}")
         self.logger.finish()
 

@@ -215,6 +215,7 @@ def validate_checkpoint(cfg: DictConfig) -> None:
     ck = cfg.checkpoint
     _non_negative(ck, "checkpoint", "interval")
     _positive(ck, "checkpoint", "keep")
+    _positive(ck, "checkpoint", "write_threads")
     _one_of("train.on_nan", cfg.train.on_nan, ON_NAN)
     if cfg.resume not in ("auto", "never"):
         _require(

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from checkpoint.manager import COMMIT_MARKER, check_complete, step_dir_name
+from checkpoint.commit import COMMIT_MARKER, check_complete, step_dir_name
 from tests.parallel.harness import train_segment
 
 pytestmark = pytest.mark.slow

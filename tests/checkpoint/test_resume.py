@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from checkpoint.commit import step_dir_name
 from tests.parallel.harness import train_segment
 
 pytestmark = pytest.mark.slow
@@ -24,6 +25,22 @@ def test_resume_same_layout_is_bitwise_identical(uninterrupted, tmp_path):
     assert first["start"] == 0 and second["start"] == STOP
     for step in range(STOP + 1, STEPS + 1):
         assert second["losses"][step] == uninterrupted[step], f"step {step}"  # bitwise
+
+
+def test_async_save_overlapping_training_holds_the_weights_of_its_step(uninterrupted, tmp_path):
+    """An async save at step 4 copies the state in the background while steps 5.. train on
+    (the optimizer waits for the copy, not for the write). Resuming from it is bitwise
+    identical to never stopping, so no later update leaked into the checkpoint."""
+    overlapped = COMMON + ["parallel.ep=2", "checkpoint.async=true"]
+    first = train_segment(tmp_path, 2, overlapped, STEPS, save_at=(STOP,))
+    for step in range(1, STEPS + 1):
+        assert first["losses"][step] == uninterrupted[step], f"step {step}"  # saving changed nothing
+    resumed = train_segment(
+        tmp_path, 2, overlapped + [f"resume={tmp_path / 'checkpoints' / step_dir_name(STOP)}"], STEPS
+    )
+    assert resumed["start"] == STOP
+    for step in range(STOP + 1, STEPS + 1):
+        assert resumed["losses"][step] == uninterrupted[step], f"step {step}"
 
 
 RESHARD = {

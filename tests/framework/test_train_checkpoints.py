@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from checkpoint.manager import check_complete
+from checkpoint.commit import check_complete
 
 pytestmark = pytest.mark.slow
 

@@ -59,8 +59,9 @@ def run_layout(tmp_path: Path, world: int, overrides: list[str], steps: int = 5)
     return run_workers(_train, world, OmegaConf.to_yaml(cfg), steps)
 
 
-def _train_segment(rank: int, world: int, cfg_yaml: str, stop_at: int) -> dict:
-    """Resume from the run dir if a checkpoint is there, train to `stop_at`, save."""
+def _train_segment(rank: int, world: int, cfg_yaml: str, stop_at: int, save_at: tuple[int, ...]) -> dict:
+    """Resume from the run dir if a checkpoint is there, train to `stop_at` (saving after the
+    steps in `save_at` and training on while an async save writes), save."""
     from framework.distributed import DistContext
     from framework.train import Trainer
 
@@ -73,12 +74,14 @@ def _train_segment(rank: int, world: int, cfg_yaml: str, stop_at: int) -> dict:
         trainer.step += 1
         dist.all_reduce(loss)
         losses[trainer.step] = loss.item() / world
+        if trainer.step in save_at:
+            trainer.save()
     trainer.save()
-    trainer.checkpoints.wait()
+    trainer.checkpoints.close()
     return {"start": start, "losses": losses}
 
 
-def train_segment(run_dir: Path, world: int, overrides: list[str], stop_at: int) -> dict:
+def train_segment(run_dir: Path, world: int, overrides: list[str], stop_at: int, save_at: tuple[int, ...] = ()) -> dict:
     """One launch of the real Trainer on `world` ranks over a shared run dir (resumes)."""
     cfg = make_config(run_dir, world, overrides)
-    return run_workers(_train_segment, world, OmegaConf.to_yaml(cfg), stop_at)
+    return run_workers(_train_segment, world, OmegaConf.to_yaml(cfg), stop_at, save_at)

@@ -1,0 +1,38 @@
+"""Async save: save() returns before the host copy ends; wait_staged() is the fence that
+keeps an in-place update out of the checkpoint being written."""
+
+import pytest
+import torch
+
+from tests.parallel.spawn import run_workers
+
+pytestmark = pytest.mark.slow
+
+
+def _save_then_update(rank: int, world: int, run_dir: str) -> dict:
+    from checkpoint.manager import CheckpointManager
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(16)])  # 64 MB of weights
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    saved = [p.detach().clone() for p in model.parameters()]
+    manager = CheckpointManager(run_dir, keep=2, async_save=True, rank=rank, world_size=world)
+    manager.save(1, model, optimizer, {"step": 1})
+    manager.wait_staged()
+    with torch.no_grad():  # what optimizer.step() does right after the fence; last tensors
+        for p in reversed(list(model.parameters())):  # first, where a copy in flight has not been
+            p.add_(1.0)
+    manager.close()
+
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(16)])
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=1.0)
+    found = CheckpointManager(run_dir, keep=2, async_save=False, rank=rank, world_size=world).find("auto")
+    manager.load(found, fresh, fresh_opt)
+    equal = all(torch.equal(a, b) for a, b in zip(fresh.parameters(), saved, strict=True))
+    return {"equal": equal, "step": found.step}
+
+
+def test_update_after_wait_staged_stays_out_of_the_checkpoint(tmp_path):
+    out = run_workers(_save_then_update, 1, str(tmp_path))
+    assert out["step"] == 1
+    assert out["equal"], "the checkpoint holds weights changed after save()"

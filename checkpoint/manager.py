@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 import sys
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +57,12 @@ class CheckpointManager:
         self.root = Path(run_dir) / CHECKPOINTS_DIR
         self.keep, self.async_save, self.write_threads = keep, async_save, write_threads
         self.rank, self.world_size = rank, world_size
-        self._pending: tuple[Future, Path, Path, str] | None = None  # (upload, tmp, final, trainer_state json)
+        self._pending: Future | None = None  # an async save's write + commit, done in the background
         self._staging: Future | None = None  # done once the async save's host copy is complete
-        # Async saves run collectives from a background thread: give them their own group so
-        # they never interleave with training's collectives on the default group.
+        # Async saves run collectives from background threads (DCP's write, then our commit):
+        # their own group keeps them from interleaving with training's on the default group.
         self._async_group = dist.new_group(backend="gloo") if async_save else None
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit") if async_save else None
         # One stager for the whole run: it keeps its host buffers, so later saves copy into
         # them instead of allocating the whole state again. The copy runs on the stager's
         # thread (use_async_staging), so save() returns at once and training overlaps the
@@ -71,6 +72,10 @@ class CheckpointManager:
             use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=on_gpu
         )
         self._stager = DefaultStager(options) if async_save else None
+        if rank == 0:  # leftovers of a crash mid-save: never complete, never resumed from
+            for tmp in self.root.glob("step-*.tmp") if self.root.is_dir() else []:
+                shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
 
     # ---- finding -------------------------------------------------------------------------
     def committed(self) -> list[Path]:
@@ -102,15 +107,12 @@ class CheckpointManager:
     # ---- saving --------------------------------------------------------------------------
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> None:
         """Collective. Sync: returns when committed. Async: returns once the host copy has
-        started; call wait_staged() before the weights change; the write finishes in the
-        background and commits at the next save, wait() or close()."""
+        started; call wait_staged() before the weights change; the write and the commit
+        finish in the background (wait() or close() join them)."""
         self.wait()
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash mid-save
-            tmp.mkdir(parents=True)
-        dist.barrier()
+        tmp.mkdir(parents=True, exist_ok=True)  # every rank: no barrier needed before writing
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         torch.save(_rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
@@ -122,7 +124,9 @@ class CheckpointManager:
                 state, storage_writer=writer, process_group=self._async_group, async_stager=self._stager
             )
             self._staging = response.staging_completion
-            self._pending = (response.upload_completion, tmp, final, trainer_json)
+            self._pending = self._committer.submit(
+                self._commit_when_written, response.upload_completion, tmp, final, trainer_json
+            )
         else:
             dcp.save(state, storage_writer=writer)
             self._commit(tmp, final, trainer_json)
@@ -135,24 +139,28 @@ class CheckpointManager:
             self._staging = None
 
     def wait(self) -> None:
-        """Finish and commit an async save still in flight (collective)."""
+        """Until an async save in flight is written and committed; raises what it raised."""
         if self._pending is None:
             return
-        upload, tmp, final, trainer_json = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
         self.wait_staged()
-        upload.result()
-        self._commit(tmp, final, trainer_json)
+        pending.result()
 
     def close(self) -> None:
-        """Commit what is in flight and free the staging buffers and threads (collective)."""
+        """Commit what is in flight and free the staging buffers and threads."""
         self.wait()
         if self._stager is not None:
             self._stager.close()
+            self._committer.shutdown()
             self._stager = None
 
-    def _commit(self, tmp: Path, final: Path, trainer_json: str) -> None:
-        dist.barrier()  # every rank's shards and RNG file are on disk (DCP fsynced its shards)
+    def _commit_when_written(self, upload: Future, tmp: Path, final: Path, trainer_json: str) -> None:
+        """The committer thread: after this rank's DCP write, commit on the async group."""
+        upload.result()
+        self._commit(tmp, final, trainer_json, self._async_group)
+
+    def _commit(self, tmp: Path, final: Path, trainer_json: str, group: dist.ProcessGroup | None = None) -> None:
+        dist.barrier(group=group)  # every rank's shards and RNG file are on disk (DCP fsynced its shards)
         if self.rank == 0:
             (tmp / TRAINER_STATE).write_text(trainer_json)
             for f in tmp.iterdir():  # the RNG files, the trainer state, DCP's metadata
@@ -166,7 +174,7 @@ class CheckpointManager:
             os.rename(tmp, final)
             fsync_dir(final.parent)
             self._retain()
-        dist.barrier()
+        dist.barrier(group=group)
 
     def _retain(self) -> None:
         for old in self.committed()[: -self.keep]:

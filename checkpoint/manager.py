@@ -35,6 +35,7 @@ from checkpoint.commit import (
     step_dir_name,
     step_dirs,
 )
+from checkpoint.staging import CpuStager
 
 
 class NoCheckpointError(RuntimeError):
@@ -64,14 +65,10 @@ class CheckpointManager:
         self._async_group = dist.new_group(backend="gloo") if async_save else None
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit") if async_save else None
         # One stager for the whole run: it keeps its host buffers, so later saves copy into
-        # them instead of allocating the whole state again. The copy runs on the stager's
-        # thread (use_async_staging), so save() returns at once and training overlaps the
-        # copy up to wait_staged(), the fence before the weights change.
-        on_gpu = torch.cuda.is_available()
-        options = StagingOptions(
-            use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=on_gpu
-        )
-        self._stager = DefaultStager(options) if async_save else None
+        # them instead of allocating the whole state again. The copy runs on a background
+        # thread, so save() returns at once and training overlaps the copy up to
+        # wait_staged(), the fence before the weights change.
+        self._stager = _make_stager() if async_save else None
         if rank == 0:  # leftovers of a crash mid-save: never complete, never resumed from
             for tmp in self.root.glob("step-*.tmp") if self.root.is_dir() else []:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -190,6 +187,12 @@ class CheckpointManager:
         rng_file = found.path / f"rng-rank{self.rank:05d}.pt"
         if found.trainer_state.get("world_size") == self.world_size and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+def _make_stager():
+    if torch.cuda.is_available():  # pinned buffers, non-blocking copies on a side stream
+        return DefaultStager(StagingOptions(True, False, True, True))
+    return CpuStager()  # DCP's stager stalls the training thread on CPU (see checkpoint/staging.py)
 
 
 def _rng_state() -> dict:

@@ -105,7 +105,7 @@ def train(overrides: list[str], dry_run: bool) -> int:
     config_path = write_resolved_config(cfg)
     command = launcher.command(cfg, config_path)
     print(f"moe-launch: run dir {cfg.run_dir}", flush=True)
-    return launcher.launch(command)
+    return launcher.launch(command, cfg.run_dir)
 
 
 def export_weights(run_dir: str, out: str, step: int | None) -> int:

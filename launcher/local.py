@@ -10,6 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from checkpoint.commit import newest_complete_step
+
 TRAIN_ENTRY_MODULE = "framework.train"
 REQUEUE_EXIT_CODE = 75  # the ranks' code for "stopped by a signal after saving; resubmit me"
 
@@ -43,10 +45,12 @@ class LocalLauncher:
         """Variables set for torchrun on top of the caller's environment."""
         return dict(TORCHRUN_ENV)
 
-    def launch(self, command: list[str]) -> int:
+    def launch(self, command: list[str], run_dir: str | Path) -> int:
         """Run torchrun in the foreground. SIGTERM/SIGUSR1 (what SLURM sends before
         preemption) become a SIGTERM to torchrun, which passes it to the ranks: they finish
-        the step, save a checkpoint, and this returns REQUEUE_EXIT_CODE."""
+        the step and save a checkpoint. REQUEUE_EXIT_CODE only if that checkpoint was
+        committed: a requeue after a failed save would silently lose the work since the last."""
+        saved_before = newest_complete_step(run_dir)
         proc = subprocess.Popen(command, env={**os.environ, **self.environment()})
         signalled = []
 
@@ -63,4 +67,16 @@ class LocalLauncher:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        return REQUEUE_EXIT_CODE if signalled else code
+        if not signalled:
+            return code
+        saved_after = newest_complete_step(run_dir)
+        if saved_after is not None and (saved_before is None or saved_after > saved_before):
+            return REQUEUE_EXIT_CODE
+        newest = "none" if saved_after is None else f"step {saved_after}"
+        print(
+            f"moe-launch: error: stopped by {signal.Signals(signalled[0]).name} but the ranks committed no new "
+            f"checkpoint (newest: {newest}; torchrun exit code {code}); not asking for a requeue",
+            file=sys.stderr,
+            flush=True,
+        )
+        return code if code not in (0, REQUEUE_EXIT_CODE) else 1

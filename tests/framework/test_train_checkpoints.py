@@ -56,6 +56,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
     assert f"at step {saved_step}" in again.stdout
 
 
+def test_a_signal_before_any_save_is_not_reported_as_requeue(tmp_path):
+    """SIGTERM while the ranks are still starting (no handler yet, nothing saved): the exit
+    code must not say "saved, requeue me"."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*CLI, *SMALL, f"run_dir={run_dir}", "train.steps=100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while not (run_dir / "config.yaml").exists() and time.time() < deadline:  # written just before torchrun
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, 75), err[-2000:]
+    assert "stopped by SIGTERM but the ranks committed no new checkpoint (newest: none" in err
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").glob("step-????????"))
+
+
 def test_async_checkpoints_commit_and_resume_refuses_a_bad_path(tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run(

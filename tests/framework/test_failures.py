@@ -142,3 +142,59 @@ def test_node_loss_reforms_at_half_the_world_and_reshards(tmp_path):
     assert "resumed from" in out
     assert "world 2 (pp 1 x dp_replicate 1 x dp_shard 2, ep 2)" in out
     assert max(_trained_steps(run_dir)) == steps
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
+    """The job is frozen (SIGSTOP) the moment a save's shard files appear in step-N.tmp, and
+    killed with SIGKILL only if the save is then really unfinished (the rename to step-N
+    has not happened); otherwise it is let go and caught at a later save. The next start
+    must skip the half-written one and resume from the previous checkpoint."""
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    cli = [
+        sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synthetic", "model.seq_len=32",
+        f"run_dir={run_dir}", "train.steps=100000", "train.log_every=1", "train.global_batch_size=4",
+        "train.micro_batch_size=2", "checkpoint.interval=1", "checkpoint.keep=100", "logging.wandb.mode=disabled",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    caught = None
+    deadline = time.time() + 240
+    try:
+        while caught is None:
+            assert time.time() < deadline, "never caught a save in progress"
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            partial = list(ckpts.glob("step-*.tmp")) if ckpts.is_dir() else []
+            writing = partial and any(partial[0].glob("*.distcp"))  # shard files being written
+            if not writing or not any(ckpts.glob("step-????????")):  # after one committed checkpoint
+                time.sleep(0.001)
+                continue
+            tree = _process_tree(proc.pid)
+            _signal_all(tree, signal.SIGSTOP)
+            tmp = partial[0]
+            if tmp.is_dir() and not (ckpts / tmp.name.removesuffix(".tmp")).exists():
+                caught = tmp
+                _signal_all(tree, signal.SIGKILL)
+            else:  # the save finished between the look and the freeze: try the next one
+                _signal_all(tree, signal.SIGCONT)
+    finally:
+        _signal_all(_process_tree(proc.pid), signal.SIGKILL)
+        proc.communicate()
+    assert any(caught.glob("*.distcp")) and not (caught / "COMMITTED").exists()  # killed mid-write
+    caught_step = int(caught.name.removeprefix("step-").removesuffix(".tmp"))
+    committed = sorted(int(p.name.removeprefix("step-")) for p in ckpts.glob("step-????????"))
+    assert committed[-1] == caught_step - 1  # interval 1: the previous step's is the newest whole one
+
+    resume = [a if a != "train.steps=100000" else f"train.steps={caught_step + 1}" for a in cli]
+    again = subprocess.run(resume, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {ckpts / f'step-{caught_step - 1:08d}'} at step {caught_step - 1}" in again.stdout
+    assert not caught.exists()  # the leftover is gone; step N was written again, whole
+    assert (ckpts / f"step-{caught_step:08d}" / "COMMITTED").exists()

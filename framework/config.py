@@ -104,6 +104,10 @@ class LauncherConfig:
     nproc_per_node: int = 2
     nnodes: int = 1
     max_restarts: int = 0
+    # After SIGTERM/SIGUSR1 the ranks finish the step and save; torchrun kills them after this
+    # many seconds (its own default is 30, short for a big model's save). Keep it below the
+    # lead time of SLURM's --signal.
+    stop_timeout_s: int = 120
 
 
 class CheckpointConfig:

@@ -98,14 +98,14 @@ def train(overrides: list[str], dry_run: bool) -> int:
     validate(cfg)
     launcher = LocalLauncher()
     if dry_run:
-        env = [f"{k}={v}" for k, v in launcher.environment().items()]
+        env = [f"{k}={v}" for k, v in launcher.environment(cfg).items()]
         print(shlex.join(["env", *env, *launcher.command(cfg, resolved_config_path(cfg))]))
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
     config_path = write_resolved_config(cfg)
     command = launcher.command(cfg, config_path)
     print(f"moe-launch: run dir {cfg.run_dir}", flush=True)
-    return launcher.launch(command, cfg.run_dir)
+    return launcher.launch(cfg, command)
 
 
 def export_weights(run_dir: str, out: str, step: int | None) -> int:

@@ -41,17 +41,18 @@ class LocalLauncher:
             str(config_path),
         ]
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, cfg: DictConfig) -> dict[str, str]:
         """Variables set for torchrun on top of the caller's environment."""
-        return dict(TORCHRUN_ENV)
+        # torchrun's grace between passing a SIGTERM on and killing the ranks
+        return {**TORCHRUN_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.launcher.stop_timeout_s)}
 
-    def launch(self, command: list[str], run_dir: str | Path) -> int:
+    def launch(self, cfg: DictConfig, command: list[str]) -> int:
         """Run torchrun in the foreground. SIGTERM/SIGUSR1 (what SLURM sends before
         preemption) become a SIGTERM to torchrun, which passes it to the ranks: they finish
         the step and save a checkpoint. REQUEUE_EXIT_CODE only if that checkpoint was
         committed: a requeue after a failed save would silently lose the work since the last."""
-        saved_before = newest_complete_step(run_dir)
-        proc = subprocess.Popen(command, env={**os.environ, **self.environment()})
+        saved_before = newest_complete_step(cfg.run_dir)
+        proc = subprocess.Popen(command, env={**os.environ, **self.environment(cfg)})
         signalled = []
 
         def forward(signum, frame):
@@ -69,7 +70,7 @@ class LocalLauncher:
                 signal.signal(s, handler)
         if not signalled:
             return code
-        saved_after = newest_complete_step(run_dir)
+        saved_after = newest_complete_step(cfg.run_dir)
         if saved_after is not None and (saved_before is None or saved_after > saved_before):
             return REQUEUE_EXIT_CODE
         newest = "none" if saved_after is None else f"step {saved_after}"

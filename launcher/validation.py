@@ -194,7 +194,7 @@ def validate_data(cfg: DictConfig) -> None:
 def validate_launcher(cfg: DictConfig) -> None:
     launch = cfg.launcher
     _one_of("launcher.name", launch.name, LAUNCHERS)
-    _positive(launch, "launcher", "nproc_per_node", "nnodes")
+    _positive(launch, "launcher", "nproc_per_node", "nnodes", "stop_timeout_s")
     _non_negative(launch, "launcher", "max_restarts")
     _require(
         launch.nnodes == 1, "launcher.nnodes", launch.nnodes, "the local launcher runs on this one node; allowed: 1"

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from framework.distributed import free_port
 from launcher.local import TORCHRUN_ENV
+from tests.framework.processes import process_tree, rank_pids, signal_all
 from tests.parallel.harness import make_config
 
 pytestmark = pytest.mark.slow
@@ -27,40 +28,6 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _trained_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in _records(run_dir) if "loss" in r]
-
-
-def _rank_pids(config_path: Path) -> list[int]:
-    """PIDs of the training ranks started for this config (children of torchrun)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        is_agent = b"torch.distributed.run" in cmdline or b"launcher.cli" in cmdline
-        if b"framework.train" in cmdline and str(config_path).encode() in cmdline and not is_agent:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _process_tree(root: int) -> list[int]:
-    """root and every process below it (torchrun may put its workers in their own groups)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -87,7 +54,7 @@ def test_sigkill_of_one_rank_restarts_and_finishes(tmp_path):
     proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: len(_trained_steps(run_dir)) >= 5, 180, proc)
     killed_after = max(_trained_steps(run_dir))
-    victims = _rank_pids(run_dir / "config.yaml")
+    victims = rank_pids(run_dir / "config.yaml")
     assert len(victims) == 2
     os.kill(victims[1], signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
@@ -132,7 +99,7 @@ def test_node_loss_reforms_at_half_the_world_and_reshards(tmp_path):
     _wait_for(lambda: len(_trained_steps(run_dir)) >= 5, 240, survivor)
     start_line = next(r for r in _records(run_dir) if "memory_per_rank" in r)
     assert len(start_line["memory_per_rank"]) == 4  # both nodes took part
-    doomed_tree = _process_tree(doomed.pid)
+    doomed_tree = process_tree(doomed.pid)
     assert len(doomed_tree) >= 3  # the agent and its 2 ranks
     for pid in doomed_tree:  # the whole "node" dies at once
         os.kill(pid, signal.SIGKILL)
@@ -142,14 +109,6 @@ def test_node_loss_reforms_at_half_the_world_and_reshards(tmp_path):
     assert "resumed from" in out
     assert "world 2 (pp 1 x dp_replicate 1 x dp_shard 2, ep 2)" in out
     assert max(_trained_steps(run_dir)) == steps
-
-
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
@@ -176,16 +135,16 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
             if not writing or not any(ckpts.glob("step-????????")):  # after one committed checkpoint
                 time.sleep(0.001)
                 continue
-            tree = _process_tree(proc.pid)
-            _signal_all(tree, signal.SIGSTOP)
+            tree = process_tree(proc.pid)
+            signal_all(tree, signal.SIGSTOP)
             tmp = partial[0]
             if tmp.is_dir() and not (ckpts / tmp.name.removesuffix(".tmp")).exists():
                 caught = tmp
-                _signal_all(tree, signal.SIGKILL)
+                signal_all(tree, signal.SIGKILL)
             else:  # the save finished between the look and the freeze: try the next one
-                _signal_all(tree, signal.SIGCONT)
+                signal_all(tree, signal.SIGCONT)
     finally:
-        _signal_all(_process_tree(proc.pid), signal.SIGKILL)
+        signal_all(process_tree(proc.pid), signal.SIGKILL)
         proc.communicate()
     assert any(caught.glob("*.distcp")) and not (caught / "COMMITTED").exists()  # killed mid-write
     caught_step = int(caught.name.removeprefix("step-").removesuffix(".tmp"))

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from checkpoint.commit import check_complete
+from tests.framework.processes import rank_pids, signal_all
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +75,31 @@ def test_a_signal_before_any_save_is_not_reported_as_requeue(tmp_path):
     assert proc.returncode not in (0, 75), err[-2000:]
     assert "stopped by SIGTERM but the ranks committed no new checkpoint (newest: none" in err
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").glob("step-????????"))
+
+
+def test_ranks_that_cannot_save_within_the_stop_timeout_are_killed_and_not_requeued(tmp_path):
+    """The ranks are frozen (SIGSTOP), so they cannot act on the SIGTERM torchrun passes on:
+    after launcher.stop_timeout_s=2 torchrun kills them (its own default would wait 30 s),
+    and moe-launch reports that nothing was saved instead of asking for a requeue."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*CLI, *SMALL, f"run_dir={run_dir}", "train.steps=100000", "train.log_every=1", "launcher.stop_timeout_s=2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 180
+    while len(_logged_steps(run_dir)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    ranks = rank_pids(run_dir / "config.yaml")
+    assert len(ranks) == 2, "training never got going"
+    signal_all(ranks, signal.SIGSTOP)
+    stopped_at = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - stopped_at < 20, "torchrun did not use the 2 s stop timeout"
+    assert proc.returncode not in (0, 75), err[-2000:]
+    assert "stopped by SIGTERM but the ranks committed no new checkpoint (newest: none" in err
 
 
 def test_async_checkpoints_commit_and_resume_refuses_a_bad_path(tmp_path):

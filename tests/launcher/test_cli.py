@@ -29,6 +29,7 @@ def test_dry_run_prints_torchrun_command_and_config_and_starts_nothing(capsys, t
     command, _, config_text = out.partition("\n")
     assert "torch.distributed.run" in command
     assert command.startswith("env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")  # fresh store per restart round
+    assert " TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 " in command  # the ranks' time to save after SIGTERM
     assert "--nproc-per-node=2" in command and "--max-restarts=0" in command
     assert "-m framework.train --config" in command and str(run_dir / "config.yaml") in command
     cfg = yaml.safe_load(config_text)

@@ -50,6 +50,7 @@ BAD = [
         "parallel.ep=2: must divide parallel.dp_shard=3 or be a multiple",
     ),
     (["parallel.pp=2"], "parallel.pp=2"),
+    (["launcher.stop_timeout_s=0"], "launcher.stop_timeout_s=0"),
     (["checkpoint.write_threads=0"], "checkpoint.write_threads=0"),
     (["logging.wandb.mode=cloud"], "allowed: disabled, offline, online"),
     (["optim.lr=1e-3,3e-4"], "sweeps"),

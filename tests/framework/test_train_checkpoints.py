@@ -24,10 +24,15 @@ def _logged_steps(run_dir):
     return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
+@pytest.mark.parametrize(
+    "saving",
+    [[], ["checkpoint.async=true", "checkpoint.interval=1", "checkpoint.keep=1"]],
+    ids=["sync", "async-save-every-step"],
+)
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_code(saving, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [*CLI, *SMALL, f"run_dir={run_dir}", "train.steps=100000", "train.log_every=1"],
+        [*CLI, *SMALL, f"run_dir={run_dir}", "train.steps=100000", "train.log_every=1", *saving],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -122,6 +122,8 @@ class CheckpointManager:
         trainer_json = json.dumps({**trainer_state, "world_size": self.world_size}, indent=1)
         writer = dcp.FileSystemWriter(str(tmp), thread_count=self.write_threads, sync_files=True)
         if self.async_save:
+            if torch.cuda.is_available():  # the stager copies on its own stream: the last
+                torch.cuda.current_stream().synchronize()  # optimizer step must be done first
             response = dcp.async_save(
                 state, storage_writer=writer, process_group=self._async_group, async_stager=self._stager
             )

@@ -153,7 +153,6 @@ class _Phases:
 def _install_phases() -> _Phases:
     import torch.distributed.checkpoint as dcp
     import torch.distributed.checkpoint.filesystem as fs
-    import torch.distributed.checkpoint.staging as staging
 
     import checkpoint.manager as manager_mod
 
@@ -164,7 +163,6 @@ def _install_phases() -> _Phases:
     ph.wrap(dcp, "save", "dcp_save")
     ph.wrap(dcp, "async_save", "dcp_async_save")
     ph.wrap(dcp, "load", "dcp_load")
-    ph.wrap(staging.DefaultStager, "stage", "staging")
     ph.wrap(fs._FileSystemWriter, "write_data", "write")
     ph.wrap(fs._FileSystemWriter, "finish", "metadata")
     ph.wrap(fs.FileSystemReader, "read_data", "read")
@@ -510,7 +508,7 @@ def summarize(r: dict) -> dict:
     keys += ("overlap_compute",)
     m = {k: statistics.median(x[k] for x in rounds) for k in keys}
     m["sync"] = {t: statistics.median(x["sync"][t] for x in rounds) for t in THREAD_COUNTS}
-    labels = ("state_dict", "set_state_dict", "commit", "dcp_save", "dcp_async_save", "dcp_load", "staging")
+    labels = ("state_dict", "set_state_dict", "commit", "dcp_save", "dcp_async_save", "dcp_load")
     labels += ("write", "metadata", "read")
     regions = [f"sync{t}" for t in THREAD_COUNTS] + ["block", "finish", "load", "cold_load"]
     m["phases"] = {

@@ -17,6 +17,18 @@ CLI = [sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synth
 SMALL = ["train.global_batch_size=4", "train.micro_batch_size=2", "logging.wandb.mode=disabled"]
 
 
+def _start_long_run(run_dir, *overrides: str) -> subprocess.Popen:
+    """A run with far more steps than a test waits for, to be stopped by a signal."""
+    cli = [*CLI, *SMALL, f"run_dir={run_dir}", "train.steps=100000", "train.log_every=1", *overrides]
+    return subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc: subprocess.Popen, run_dir, steps: int) -> None:
+    deadline = time.time() + 180
+    while len(_logged_steps(run_dir)) < steps and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+
+
 def _logged_steps(run_dir):
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -31,15 +43,8 @@ def _logged_steps(run_dir):
 )
 def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_code(saving, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*CLI, *SMALL, f"run_dir={run_dir}", "train.steps=100000", "train.log_every=1", *saving],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 180
-    while len(_logged_steps(run_dir)) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+    proc = _start_long_run(run_dir, *saving)
+    _wait_for_steps(proc, run_dir, 3)
     assert _logged_steps(run_dir), "training never got going"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -66,12 +71,7 @@ def test_a_signal_before_any_save_is_not_reported_as_requeue(tmp_path):
     """SIGTERM while the ranks are still starting (no handler yet, nothing saved): the exit
     code must not say "saved, requeue me"."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*CLI, *SMALL, f"run_dir={run_dir}", "train.steps=100000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_long_run(run_dir)
     deadline = time.time() + 60
     while not (run_dir / "config.yaml").exists() and time.time() < deadline:  # written just before torchrun
         time.sleep(0.05)
@@ -87,15 +87,8 @@ def test_ranks_that_cannot_save_within_the_stop_timeout_are_killed_and_not_reque
     after launcher.stop_timeout_s=2 torchrun kills them (its own default would wait 30 s),
     and moe-launch reports that nothing was saved instead of asking for a requeue."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*CLI, *SMALL, f"run_dir={run_dir}", "train.steps=100000", "train.log_every=1", "launcher.stop_timeout_s=2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 180
-    while len(_logged_steps(run_dir)) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    proc = _start_long_run(run_dir, "launcher.stop_timeout_s=2")
+    _wait_for_steps(proc, run_dir, 2)
     ranks = rank_pids(run_dir / "config.yaml")
     assert len(ranks) == 2, "training never got going"
     signal_all(ranks, signal.SIGSTOP)

@@ -19,15 +19,18 @@ from framework.config import load_run_config
 from framework.data.build import build_data
 from framework.distributed import DistContext, init_distributed, shutdown
 from framework.flops import measure_peak_flops, train_flops_per_token
+from framework.loss import TrainingLoss, token_cross_entropy
 from framework.metrics import MetricsLogger
+from framework.model.moe.aux_loss import set_aux_loss_scale
+from framework.model.moe.load_balance import ExpertLoadBalancer
 from framework.model.transformer import ModelArgs, MoETransformer
 from framework.optim import build_lr_scheduler, build_optimizer
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp
 from parallel.grad_clip import clip_grad_norm
 from parallel.layout import resolve_layout
-from parallel.memory import memory_report
-from parallel.mesh import build_expert_mesh, build_mesh, dp_mesh, dp_rank_and_size, expert_dp_mesh
+from parallel.memory import memory_report, setup_memory
+from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_mesh, dp_rank_and_size, expert_dp_mesh
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run me again
 NON_FINITE_EXIT_CODE = 3
@@ -50,26 +53,35 @@ class Trainer:
         self.layout = resolve_layout(ctx.world_size, p.pp, p.dp_replicate, p.dp_shard, p.ep)
         self.mesh = build_mesh(self.layout, ctx.device)
         self.expert_mesh = build_expert_mesh(self.layout, ctx.device)
+        self.groups = build_groups(self.mesh)
         self.dp_rank, self.dp_size = dp_rank_and_size(self.mesh)
         torch.manual_seed(cfg.train.seed)
 
-        # Parallelism is applied to a plain model: init the full model identically on
-        # every rank, keep this rank's experts, then shard.
-        self.model = MoETransformer(ModelArgs.from_config(cfg.model))
-        self.model.init_weights(cfg.train.seed)
+        # Parallelism is applied to a plain model built on the meta device: keep this rank's
+        # experts, shard, and only then materialise and initialise the local shards. No rank
+        # ever holds the whole model; the values equal a full init's (init_blocks.py).
+        with torch.device("meta"):
+            self.model = MoETransformer(ModelArgs.from_config(cfg.model))
         self.n_params = sum(p.numel() for p in self.model.parameters())  # before EP splits experts
-        self.model.to(ctx.device)
         ep_per_node = p.ep_per_node or cfg.launcher.nproc_per_node
         apply_expert_parallel(self.model, self.expert_mesh, ep_per_node)
         apply_fsdp(self.model, dp_mesh(self.mesh), expert_dp_mesh(self.expert_mesh), cfg.train.precision)
+        self.model.to_empty(device=ctx.device)
+        self.model.init_weights(cfg.train.seed)
         expert_ids = {id(p) for m in self.model.moe_layers() for p in m.experts.parameters()}
         self.expert_params = [p for p in self.model.parameters() if id(p) in expert_ids]
         self.dense_params = [p for p in self.model.parameters() if id(p) not in expert_ids]
+        # The pipeline-ready view: a list of the model chunks this rank runs (one when pp=1).
+        self.model_parts = [self.model]
+        self.loss_fn = TrainingLoss(cfg.model.mtp_weight)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.load_balancer = ExpertLoadBalancer(self.model.moe_layers(), cfg.model.bias_update_speed, self.groups.dp)
+        self.load_balancer.install(self.optimizer)
 
         self.loader, self.val_batches = build_data(cfg, self.dp_rank, self.dp_size)
         self.step = 0
+        self.last_step_skipped = False
         self.stop_requested = False  # set by this rank's signal handler, at any moment
         self.stop_agreed = False  # set only from the all-reduced flags: every rank sees the same
         self.peak_memory: dict | None = None
@@ -89,31 +101,51 @@ class Trainer:
             wandb_run_id = state.get("wandb_run_id")
         self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=wandb_run_id)
 
+    @property
+    def last_loads(self) -> torch.Tensor:
+        """[MoE layers, experts] tokens routed in the last optimizer step, all ranks."""
+        return self.load_balancer.last_loads_LE
+
+    def forward_backward_step(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches; -> the mean main LM loss.
+
+        The one seam between the loop and the model: without a pipeline it runs the model
+        parts and the loss here; a pipeline schedule takes the micro-batches and
+        `self.loss_fn` and calls the loss on its last stage instead.
+        """
+        n = len(micro_batches)
+        set_aux_loss_scale(1.0 / n)  # each micro-batch's loss enters the step's mean with 1/n
+        for i, batch_BS1 in enumerate(micro_batches):
+            batch_BS1 = batch_BS1.to(self.ctx.device, non_blocking=True)
+            inputs_BS, targets_BS = batch_BS1[:, :-1], batch_BS1[:, 1:]
+            for part in self.model_parts:
+                # Reduce gradients across ranks only once, after the last micro-batch.
+                part.set_requires_gradient_sync(i == n - 1)
+            outputs = self.model_parts[0](inputs_BS)
+            (self.loss_fn(outputs, targets_BS) / n).backward()
+        return self.loss_fn.pop_lm_loss()
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches, clip, step. -> (loss, grad norm)."""
-        micro_batches = self.loader.next_step()
-        loss_sum = torch.zeros((), device=self.ctx.device)
-        for i, batch in enumerate(micro_batches):
-            # Reduce gradients across ranks only once, after the last micro-batch.
-            self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            out = self.model(batch.to(self.ctx.device, non_blocking=True))
-            (out.loss / len(micro_batches)).backward()
-            loss_sum += out.lm_loss
+        loss = self.forward_backward_step(self.loader.next_step())
         grad_norm = clip_grad_norm(self.dense_params, self.expert_params, self.cfg.optim.grad_clip, self.ctx.device)
         # One small all-reduce carries both "someone saw a non-finite loss" and "someone got
         # SIGTERM", so every rank takes the same branch.
-        flags = torch.tensor(
-            [float(not torch.isfinite(loss_sum) or not torch.isfinite(grad_norm)), float(self.stop_requested)],
-            device=self.ctx.device,
+        flags = torch.stack(
+            [
+                (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float(),
+                torch.tensor(float(self.stop_requested), device=self.ctx.device),
+            ]
         )
-        dist.all_reduce(flags)
+        dist.all_reduce(flags, group=self.groups.world)
+        flags = flags.tolist()  # host sync: the branch below must be the same on every rank
         # Not stop_requested itself: a signal landing after this all-reduce on one rank only
         # would send that rank into save() while the others train on (a collective mismatch).
-        self.stop_agreed = bool(flags[1] > 0)
-        if flags[0] > 0:
+        self.stop_agreed = flags[1] > 0
+        self.last_step_skipped = flags[0] > 0
+        if self.last_step_skipped:
             self.optimizer.zero_grad(set_to_none=True)
-            for moe in self.model.moe_layers():
-                moe.tokens_per_expert.zero_()
+            self.load_balancer.discard()
             if self.cfg.train.on_nan == "stop":
                 raise TrainingStopped(
                     f"non-finite loss or gradient at step {self.step + 1}; stopping without saving "
@@ -121,31 +153,14 @@ class Trainer:
                     NON_FINITE_EXIT_CODE,
                 )
             self.scheduler.step()  # skip: the data and the schedule move on, the weights do not
-            self.last_loads = []
-            return loss_sum / len(micro_batches), grad_norm
+            return loss, grad_norm
         self.checkpoints.wait_staged()  # an async save may still be copying these weights
-        self.optimizer.step()
+        self.optimizer.step()  # its pre-step hook moves the router biases (load_balance.py)
         self.scheduler.step()
         if self.peak_memory is None:  # the one moment params, grads and optimizer state all exist
             self.peak_memory = memory_report(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        self.update_router_biases()
-        return loss_sum / len(micro_batches), grad_norm
-
-    @torch.no_grad()
-    def update_router_biases(self) -> None:
-        """Sum each MoE layer's expert load over all ranks, then nudge every rank's bias
-        the same way, so the bias stays identical everywhere."""
-        layers = self.model.moe_layers()
-        if not layers:
-            self.last_loads = []
-            return
-        loads = torch.stack([m.tokens_per_expert for m in layers])
-        dist.all_reduce(loads)
-        for moe, load in zip(layers, loads, strict=True):
-            moe.router.update_bias(load, self.cfg.model.bias_update_speed)
-            moe.tokens_per_expert.zero_()
-        self.last_loads = loads
+        return loss, grad_norm
 
     def pop_cross_node_rows(self) -> torch.Tensor:
         rows = 0
@@ -156,16 +171,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation LM loss over the fixed validation windows of all ranks."""
-        self.model.eval()
+        """Mean validation LM loss over the fixed validation windows of all data-parallel ranks.
+        Every rank runs the same number of forwards; padding rows carry weight zero."""
+        for part in self.model_parts:
+            part.eval()
         total = torch.zeros(2, device=self.ctx.device)
-        for batch in self.val_batches:
-            out = self.model(batch.to(self.ctx.device))
-            total[0] += out.lm_loss * batch.shape[0]
-            total[1] += batch.shape[0]
-        dist.all_reduce(total)
-        self.model.train()
-        return (total[0] / total[1]).item()
+        for val in self.val_batches:
+            batch_BS1 = val.tokens_BS1.to(self.ctx.device)
+            logits_BSV = self.model_parts[0](batch_BS1[:, :-1])[0]
+            per_row_B = token_cross_entropy(logits_BSV, batch_BS1[:, 1:]).mean(dim=1)
+            total[0] += per_row_B[: val.valid_rows].sum()
+            total[1] += val.valid_rows
+        dist.all_reduce(total, group=self.groups.dp)
+        for part in self.model_parts:
+            part.train()
+        return (total[0] / total[1]).item()  # host sync: the value is logged
 
     def run(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -174,41 +194,50 @@ class Trainer:
         flops_per_token = train_flops_per_token(cfg.model)
         compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         peak = torch.tensor(measure_peak_flops(ctx.device, compute_dtype), device=ctx.device)
-        dist.all_reduce(peak)  # the whole job's measured peak
+        dist.all_reduce(peak, group=self.groups.world)  # the whole job's measured peak
         self.log_start()
 
         if self.resumed_from is not None:
             self.logger.console(f"resumed from {self.resumed_from.path} at step {self.step}")
+        setup = self.gather(setup_memory(ctx.device))  # peak host RSS / device memory after building
         first_val = self.evaluate()
         self.logger.console(f"step {self.step} | val {first_val:.4f}")
-        self.logger.log({"step": self.step, "val_loss": first_val})
+        self.logger.log({"step": self.step, "val_loss": first_val, "setup_memory_per_rank": setup})
         val = first_val
         window_loss = torch.zeros((), device=ctx.device)
-        window_steps, window_start = 0, time.perf_counter()
-        first_step_here = True
+        window_steps, window_skipped, window_start = 0, 0, time.perf_counter()
+        memory_logged = False
         while self.step < t.steps:
             loss, grad_norm = self.train_step()
             self.step += 1
-            if first_step_here:  # optimizer state exists only after a step
+            if not memory_logged and self.peak_memory is not None:  # after the first step that stepped
                 self.log_memory()
-                first_step_here = False
-            window_loss += loss.detach()
-            window_steps += 1
+                memory_logged = True
+            if self.last_step_skipped:  # a skipped step's loss is not finite: keep it out of the mean
+                window_skipped += 1
+            else:
+                window_loss += loss.detach()
+                window_steps += 1
             last = self.step == t.steps
             record = {"step": self.step}
             if self.step % t.eval_every == 0 or last:
                 val = self.evaluate()
                 record["val_loss"] = val
             if self.step % t.log_every == 0 or last:
-                stats = torch.stack([window_loss / window_steps, grad_norm.to(window_loss), self.pop_cross_node_rows()])
-                dist.all_reduce(stats)
-                stats[:2] /= ctx.world_size
+                # The loss is averaged over the data-parallel ranks; the grad norm is already
+                # global (clip_grad_norm reduces it), so it is not reduced again.
+                mean_loss = window_loss / window_steps if window_steps else torch.full_like(window_loss, float("nan"))
+                stats = torch.stack([mean_loss, self.pop_cross_node_rows()])
+                dist.all_reduce(stats, group=self.groups.dp)
+                stats[0] /= self.dp_size
                 elapsed = time.perf_counter() - window_start
-                tokens_per_s = tokens_per_step * window_steps / elapsed
-                record.update(self.step_record(stats, tokens_per_s, flops_per_token, peak.item()))
+                tokens_per_s = tokens_per_step * (window_steps + window_skipped) / elapsed
+                record.update(self.step_record(stats, grad_norm, tokens_per_s, flops_per_token, peak.item()))
+                if window_skipped:
+                    record["skipped_steps"] = window_skipped
                 self.logger.progress(record)
                 window_loss.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+                window_steps, window_skipped, window_start = 0, 0, time.perf_counter()
             if len(record) > 1:
                 self.logger.log(record)
             interval = cfg.checkpoint.interval
@@ -235,7 +264,7 @@ class Trainer:
             ),
             device=self.ctx.device,
         )
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.groups.world)
         if finite.item() < 1:
             raise TrainingStopped(f"weights are not finite at step {self.step}; not saving", NON_FINITE_EXIT_CODE)
         state = {
@@ -247,17 +276,17 @@ class Trainer:
         }
         self.checkpoints.save(self.step, self.model, self.optimizer, state)
 
-    def step_record(self, stats, tokens_per_s: float, flops_per_token: float, peak: float) -> dict:
+    def step_record(self, stats, grad_norm, tokens_per_s: float, flops_per_token: float, peak: float) -> dict:
         loads = self.last_loads
         record = {
             "loss": stats[0].item(),
-            "grad_norm": stats[1].item(),
+            "grad_norm": grad_norm.item(),
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * flops_per_token / peak,
             "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.model.seq_len,
             # routed (token, expert) rows that crossed nodes in the all-to-all, all ranks
-            "cross_node_rows": int(stats[2].item()),
+            "cross_node_rows": int(stats[1].item()),
         }
         if len(loads):
             imbalance = (loads.max(dim=1).values / loads.float().mean(dim=1)).tolist()
@@ -276,10 +305,15 @@ class Trainer:
             f"{self.n_params / 1e6:.2f}M params"
         )
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (a small object; pickled through the world group)."""
+        gathered = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, obj, group=self.groups.world)
+        return gathered
+
     def log_memory(self) -> None:
         """Every rank's bytes of params, grads and optimizer state, as held after step 1."""
-        gathered = [None] * self.ctx.world_size
-        dist.all_gather_object(gathered, self.peak_memory)
+        gathered = self.gather(self.peak_memory)
         mib = ", ".join(f"{v / 2**20:.2f}" for v in gathered[0].values())
         self.logger.console(f"memory per rank (MiB params, grads, optimizer state) rank 0: {mib}")
         self.logger.log({"step": self.step, "memory_per_rank": gathered})
@@ -306,6 +340,9 @@ def main() -> None:
     try:
         trainer.run()
     except TrainingStopped as stop:
+        # Any clean stop first lets an async save in flight commit (it holds finite weights
+        # of an earlier step), so no exit path abandons a checkpoint half-way.
+        trainer.checkpoints.close()
         if ctx.is_main:
             print(f"moe-launch: {stop}", file=sys.stderr, flush=True)
         trainer.logger.finish()

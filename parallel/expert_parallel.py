@@ -75,7 +75,7 @@ class AllToAllDispatcher:
 
 def _shard_experts(experts: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Keep this rank's slice of each [E, ...] weight as a DTensor Shard(0) on the EP mesh.
-    Every rank built the same full weights, so no data moves."""
+    Every rank built the same full weights (or none yet, on the meta device), so no data moves."""
     ep_size, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
     for name in ("w1", "w2", "w3"):
         full = getattr(experts, name)

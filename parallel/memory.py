@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+
 import torch
 from torch import nn
 
@@ -22,3 +24,11 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
         "grad_bytes": sum(local_bytes(p.grad) for p in params),
         "optimizer_bytes": optim_bytes,
     }
+
+
+def setup_memory(device: torch.device) -> dict[str, int]:
+    """Peak host RSS of this process and peak device memory so far (0 on CPU): what building
+    the sharded model cost, the number that says whether a big model starts at all."""
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"peak_rss_bytes": peak_rss, "peak_device_bytes": peak_device}

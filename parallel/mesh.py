@@ -7,7 +7,10 @@ neighbouring ranks (the same node where it fits), and edp_* shard/replicate each
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallel.layout import Layout
@@ -44,3 +47,25 @@ def dp_rank_and_size(mesh: DeviceMesh) -> tuple[int, int]:
     sub = dp_mesh(mesh)
     replicate, shard = sub.get_local_rank("dp_replicate"), sub.get_local_rank("dp_shard")
     return replicate * sub.size(1) + shard, sub.size()
+
+
+@dataclass(frozen=True)
+class MeshGroups:
+    """The process groups reductions name; nothing reduces over the default group.
+
+    world: every rank (agreeing on stop/skip, the job's measured peak); dp: the ranks that
+    hold the same pipeline stage (losses, expert loads, evaluation); pp: one replica's stages.
+    """
+
+    world: dist.ProcessGroup
+    dp: dist.ProcessGroup
+    pp: dist.ProcessGroup
+
+
+def build_groups(mesh: DeviceMesh) -> MeshGroups:
+    """Every rank must call this (new groups are collective), in the same order."""
+    ranks_PRS = mesh.mesh
+    pp = ranks_PRS.shape[0]
+    dp_lists = [ranks_PRS[i].flatten().tolist() for i in range(pp)]
+    dp_group, _ = dist.new_subgroups_by_enumeration(dp_lists)
+    return MeshGroups(world=dist.group.WORLD, dp=dp_group, pp=mesh.get_group("pp"))

@@ -3,6 +3,8 @@ Reading stays here so the sampler remains pure state and the train loop sees onl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -37,6 +39,15 @@ class BatchLoader:
         return list(torch.from_numpy(windows).split(self.micro_batch_size))
 
 
+@dataclass(frozen=True)
+class ValidationBatch:
+    """One evaluation forward: `tokens_BS1` rows [B, seq_len + 1], of which the first
+    `valid_rows` are real windows and the rest padding (scored with weight zero)."""
+
+    tokens_BS1: torch.Tensor
+    valid_rows: int
+
+
 def validation_batches(
     source: TokenSource,
     seq_len: int,
@@ -44,12 +55,14 @@ def validation_batches(
     batch_size: int,
     dp_rank: int,
     dp_size: int,
-) -> list[torch.Tensor]:
+) -> list[ValidationBatch]:
     """This rank's share of num_batches * batch_size windows evenly spaced over the source.
 
     Fixed (not random) so every evaluation scores the same text. Ranks take contiguous,
-    near-equal shares in global order (a rank may get fewer or none), so summing loss and
-    window counts over ranks gives exactly the single-process mean.
+    near-equal shares in global order, so summing loss and window counts over ranks gives
+    exactly the single-process mean. Every rank runs the SAME number of forwards (the
+    largest share's), padding short ones with weight-zero rows: FSDP and expert-parallel
+    collectives inside the forward must line up on all ranks.
     """
     if seq_len < 1 or num_batches < 1 or batch_size < 1:
         raise ValueError(
@@ -66,5 +79,13 @@ def validation_batches(
     total = num_batches * batch_size
     starts = [i * last_start // max(total - 1, 1) for i in range(total)]
     mine = starts[dp_rank * total // dp_size : (dp_rank + 1) * total // dp_size]
-    windows = [source.window(s, seq_len + 1) for s in mine]
-    return [torch.from_numpy(np.stack(windows[i : i + batch_size])) for i in range(0, len(windows), batch_size)]
+    largest_share = max((r + 1) * total // dp_size - r * total // dp_size for r in range(dp_size))
+    forwards = -(-largest_share // batch_size)
+    pad_start = mine[0] if mine else starts[0]
+    batches = []
+    for i in range(forwards):
+        real = mine[i * batch_size : (i + 1) * batch_size]
+        rows = real + [pad_start] * (batch_size - len(real))
+        windows = np.stack([source.window(s, seq_len + 1) for s in rows])
+        batches.append(ValidationBatch(torch.from_numpy(windows), len(real)))
+    return batches

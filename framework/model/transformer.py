@@ -9,14 +9,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from framework.model.attention import Attention
 from framework.model.ffn import SwiGLU
+from framework.model.init_blocks import fill_normal_rows
 from framework.model.moe.layer import MoE
 from framework.model.norm import RMSNorm
 from framework.model.rope import rope_table
+from parallel.sharded_init import local_rows
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,6 @@ class ModelArgs:
         return cls(**{k: model_cfg[k] for k in names if k in model_cfg})
 
 
-@dataclass
-class LossOutput:
-    loss: torch.Tensor  # what backward() runs on
-    lm_loss: torch.Tensor
-    mtp_loss: torch.Tensor
-    aux_loss: torch.Tensor
-
-
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, moe: bool):
         super().__init__()
@@ -81,13 +74,10 @@ class Block(nn.Module):
             else SwiGLU(args.dim, args.ffn_dim)
         )
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One tensor in, one out: an MoE block's auxiliary loss rides on its output's backward."""
         h = h + self.attn(self.attn_norm(h), cos, sin)
-        if isinstance(self.ffn, MoE):
-            out, aux = self.ffn(self.ffn_norm(h))
-        else:
-            out, aux = self.ffn(self.ffn_norm(h)), h.new_zeros((), dtype=torch.float32)
-        return h + out, aux
+        return h + self.ffn(self.ffn_norm(h))
 
 
 class MTPModule(nn.Module):
@@ -103,11 +93,11 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin):
-        """-> hidden state for the next depth, its normed copy for the shared head, aux loss.
+        """-> hidden state for the next depth, its normed copy for the shared head.
         The norm runs in here so a sharded module has its weights gathered when it does."""
         h = self.proj(torch.cat([self.hidden_norm(h_prev), self.embed_norm(emb_next)], dim=-1))
-        h, aux = self.block(h, cos, sin)
-        return h, self.norm(h), aux
+        h = self.block(h, cos, sin)
+        return h, self.norm(h)
 
 
 class MoETransformer(nn.Module):
@@ -125,17 +115,22 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Deterministic from the seed alone, so every rank and layout starts identical."""
-        gen = torch.Generator().manual_seed(seed)
+        """Deterministic from the seed and each parameter's name alone, so every rank and
+        layout starts identical. Works on a plain model and on one whose parameters are
+        shards (DTensors materialised from the meta device): each rank draws only the row
+        blocks its shard touches (init_blocks), never a whole model."""
         std = self.args.init_std
         out_std = std / math.sqrt(2 * (self.args.n_layers + self.args.mtp_depth))
         for name, p in self.named_parameters():
+            local, first_row = local_rows(p)
             if p.ndim == 1:
-                p.fill_(1.0)  # norm scales
+                local.fill_(1.0)  # norm scales
                 continue
             is_output = name.endswith(("attn.wo.weight", "w2.weight", "experts.w2"))
-            init = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, out_std if is_output else std, generator=gen)
-            p.copy_(init)
+            fill_normal_rows(local, first_row, tuple(p.shape), out_std if is_output else std, seed, name)
+        cos, sin = rope_table(self.args.dim // self.args.n_heads, self.args.seq_len, self.args.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
         for moe in self.moe_layers():
             moe.router.expert_bias.zero_()
             moe.tokens_per_expert.zero_()
@@ -143,40 +138,21 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def logits(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        """Logits of the main model (no MTP), for inspection and generation on one process
-        (a sharded model must go through forward(), where FSDP's hooks run)."""
-        h, _ = self._trunk(tokens_BS)
-        return self.head(self.norm(h))
-
-    def _trunk(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """-> (main logits [B, S, V], then depth k's MTP logits [B, S-k, V] for k = 1..mtp_depth),
+        fp32. Depth k at position i sees token i+k and predicts token i+k+1, so it reads only
+        the inputs; the loss (framework/loss.py) pairs each with its shifted targets."""
+        S = tokens_BS.shape[1]
         h = self.embed(tokens_BS)
-        aux = h.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            h, layer_aux = layer(h, self.rope_cos, self.rope_sin)
-            aux = aux + layer_aux
-        return h, aux
-
-    def _cross_entropy(self, h_normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # The head's weights may be fp32 while blocks compute in bf16; the loss is fp32.
-        logits = self.head(h_normed.to(self.head.weight.dtype)).float()
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
-
-    def forward(self, batch_BS1: torch.Tensor) -> LossOutput:
-        """The training loss. Each row holds seq_len + 1 tokens: inputs, then the targets
-        shifted by one; the MTP modules read further into the same row."""
-        inputs, targets = batch_BS1[:, :-1], batch_BS1[:, 1:]
-        S = inputs.shape[1]
-        h, aux = self._trunk(inputs)
-        lm_loss = self._cross_entropy(self.norm(h), targets)
-        mtp_loss = lm_loss.new_zeros(())
+            h = layer(h, self.rope_cos, self.rope_sin)
+        outputs = [self._head(self.norm(h))]
         for k, module in enumerate(self.mtp, start=1):
-            # Depth k at position i sees token i+k and predicts token i+k+1.
-            emb_next = self.embed(batch_BS1[:, k:S])
-            h, h_normed, layer_aux = module(h[:, : S - k], emb_next, self.rope_cos, self.rope_sin)
-            aux = aux + layer_aux
-            mtp_loss = mtp_loss + self._cross_entropy(h_normed, batch_BS1[:, k + 1 : S + 1])
-        if self.args.mtp_depth:
-            mtp_loss = mtp_loss / self.args.mtp_depth
-        loss = lm_loss + self.args.mtp_weight * mtp_loss + aux
-        return LossOutput(loss, lm_loss.detach(), mtp_loss.detach(), aux.detach())
+            emb_next = self.embed(tokens_BS[:, k:S])
+            h, h_normed = module(h[:, : S - k], emb_next, self.rope_cos, self.rope_sin)
+            outputs.append(self._head(h_normed))
+        return tuple(outputs)
+
+    def _head(self, h_normed: torch.Tensor) -> torch.Tensor:
+        # The head's weights may be fp32 while blocks compute in bf16; the logits are fp32.
+        return self.head(h_normed.to(self.head.weight.dtype)).float()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from framework.model.ffn import SwiGLU
+from framework.model.moe.aux_loss import attach_aux_loss
 from framework.model.moe.experts import GroupedExperts
 from framework.model.moe.router import Router, sequence_aux_loss
 from parallel.token_dispatch import LocalDispatcher, TokenDispatcher
@@ -33,9 +34,11 @@ class MoE(nn.Module):
         self.dispatcher: TokenDispatcher = LocalDispatcher()
         # Tokens routed to each expert since the last bias update (all experts, this rank's data).
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
+        self.last_aux_loss = torch.zeros(())  # detached, for inspection
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> output, sequence-wise auxiliary loss (zero when alpha is 0 or not training)."""
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """-> output. While training with aux_loss_alpha > 0, the sequence-wise auxiliary loss
+        is attached to the output's backward (aux_loss.py) and kept in `last_aux_loss`."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD)
@@ -49,7 +52,9 @@ class MoE(nn.Module):
         out_TD = self.dispatcher.combine(y_ND, meta, routing.topk_weights_TK)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD).to(out_TD.dtype)
-        aux = x_BSD.new_zeros((), dtype=torch.float32)
+        out_BSD = out_TD.view(B, S, D).to(x_BSD.dtype)
         if self.training and self.aux_loss_alpha > 0:
             aux = sequence_aux_loss(routing, B, self.aux_loss_alpha)
-        return out_TD.view(B, S, D).to(x_BSD.dtype), aux
+            self.last_aux_loss = aux.detach()
+            out_BSD = attach_aux_loss(out_BSD, aux)
+        return out_BSD

@@ -39,24 +39,41 @@ def test_sampler_and_source_must_agree():
         BatchLoader(_source(1000), SequenceSampler(500, 16, 4, 0, 1, 0), 1)
 
 
+def _real_rows(batches):
+    return torch.cat([b.tokens_BS1[: b.valid_rows] for b in batches])
+
+
 def test_validation_is_fixed_and_evenly_spaced():
     src = _source()
     batches = validation_batches(src, seq_len=16, num_batches=3, batch_size=4, dp_rank=0, dp_size=1)
-    assert [b.shape for b in batches] == [(4, 17)] * 3
-    assert all(b.dtype == torch.int64 for b in batches)
-    starts = [int(row[0]) for b in batches for row in b]
-    assert starts[0] == 0 and torch.cat(batches)[-1].tolist() == src.window(1000 - 17, 17).tolist()
+    assert [(b.tokens_BS1.shape, b.valid_rows) for b in batches] == [((4, 17), 4)] * 3
+    assert all(b.tokens_BS1.dtype == torch.int64 for b in batches)
+    rows = _real_rows(batches)
+    assert int(rows[0, 0]) == 0 and rows[-1].tolist() == src.window(1000 - 17, 17).tolist()
     again = validation_batches(src, 16, 3, 4, 0, 1)
-    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+    assert all(torch.equal(a.tokens_BS1, b.tokens_BS1) for a, b in zip(batches, again, strict=True))
 
 
 @pytest.mark.parametrize("dp_size", [2, 3, 4, 5, 16])
 def test_validation_split_across_ranks_covers_same_windows(dp_size):
     src = _source()
-    single = torch.cat(validation_batches(src, 16, 3, 4, 0, 1))
+    single = _real_rows(validation_batches(src, 16, 3, 4, 0, 1))
     shares = [validation_batches(src, 16, 3, 4, r, dp_size) for r in range(dp_size)]
-    assert all(b.shape[0] <= 4 for share in shares for b in share)
-    assert torch.equal(torch.cat([b for share in shares for b in share]), single)
+    assert all(b.tokens_BS1.shape == (4, 17) for share in shares for b in share)
+    assert torch.equal(torch.cat([_real_rows(share) for share in shares]), single)
+
+
+@pytest.mark.parametrize(("num_batches", "batch_size", "dp_size"), [(5, 2, 4), (3, 4, 16), (1, 1, 3), (7, 3, 2)])
+def test_every_rank_runs_the_same_number_of_forwards(num_batches, batch_size, dp_size):
+    """eval_batches=5, micro_batch_size=2 on 4 ranks used to give 1, 2, 1, 2 forwards: the
+    FSDP/EP collectives inside them did not line up."""
+    src = _source()
+    counts = {len(validation_batches(src, 16, num_batches, batch_size, r, dp_size)) for r in range(dp_size)}
+    assert len(counts) == 1
+    total = sum(
+        b.valid_rows for r in range(dp_size) for b in validation_batches(src, 16, num_batches, batch_size, r, dp_size)
+    )
+    assert total == num_batches * batch_size
 
 
 def test_validation_too_short_raises():

@@ -2,6 +2,7 @@ import math
 
 import torch
 
+from framework.loss import TrainingLoss
 from framework.model.moe.layer import MoE
 from framework.model.transformer import ModelArgs, MoETransformer
 
@@ -30,21 +31,47 @@ def test_layers_are_dense_then_moe_and_mtp_modules_exist():
     assert len(model.moe_layers()) == 2 + 2  # trunk MoE blocks + one per MTP module
 
 
+def _loss(model, batch_BS1):
+    return TrainingLoss(ARGS.mtp_weight)(model(batch_BS1[:, :-1]), batch_BS1[:, 1:])
+
+
+def _lm_loss(model, batch_BS1):
+    loss_fn = TrainingLoss(ARGS.mtp_weight)
+    loss_fn(model(batch_BS1[:, :-1]), batch_BS1[:, 1:])
+    return loss_fn.pop_lm_loss()
+
+
 def test_forward_shapes_and_initial_loss_near_uniform():
     model = _model()
     batch = _batch()
-    logits = model.logits(batch[:, :-1])
-    assert logits.shape == (3, ARGS.seq_len, ARGS.vocab_size)
-    out = model(batch)
-    assert abs(out.lm_loss.item() - math.log(ARGS.vocab_size)) < 0.1
-    assert out.mtp_loss.item() > 0 and out.aux_loss.item() > 0
-    expected = out.lm_loss + ARGS.mtp_weight * out.mtp_loss + out.aux_loss
-    torch.testing.assert_close(out.loss.detach(), expected)
+    outputs = model(batch[:, :-1])
+    S, V = ARGS.seq_len, ARGS.vocab_size
+    assert [o.shape for o in outputs] == [(3, S, V), (3, S - 1, V), (3, S - 2, V)]
+    assert all(o.dtype == torch.float32 for o in outputs)
+    loss_fn = TrainingLoss(ARGS.mtp_weight)
+    loss = loss_fn(outputs, batch[:, 1:])
+    lm = loss_fn.pop_lm_loss()
+    assert abs(lm.item() - math.log(V)) < 0.1
+    ce = torch.nn.functional.cross_entropy
+    mtp = [ce(outputs[k].reshape(-1, V), batch[:, 1 + k :].reshape(-1)) for k in (1, 2)]
+    torch.testing.assert_close(loss.detach(), lm + ARGS.mtp_weight * (mtp[0] + mtp[1]) / 2)
+    assert all(m.last_aux_loss.item() > 0 for m in model.moe_layers())  # alpha > 0 while training
+
+
+def test_aux_loss_reaches_the_router_through_the_block_output():
+    """The aux loss is not in the returned loss; its gradient still flows (attach_aux_loss)."""
+    batch = _batch()
+    grads = {}
+    for alpha in (0.0, 0.5):
+        model = _model(ARGS.__class__(**{**ARGS.__dict__, "aux_loss_alpha": alpha}))
+        _loss(model, batch).backward()
+        grads[alpha] = model.layers[1].ffn.router.weight.grad.clone()
+    assert not torch.allclose(grads[0.0], grads[0.5])
 
 
 def test_every_parameter_gets_a_gradient():
     model = _model()
-    model(_batch()).loss.backward()
+    _loss(model, _batch()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert missing == []
 
@@ -61,26 +88,41 @@ def test_causal_later_tokens_do_not_change_earlier_logits():
     batch = _batch()[:, :-1]
     changed = batch.clone()
     changed[:, 10:] = (changed[:, 10:] + 1) % ARGS.vocab_size
-    torch.testing.assert_close(model.logits(batch)[:, :10], model.logits(changed)[:, :10], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(batch)[0][:, :10], model(changed)[0][:, :10], rtol=1e-5, atol=1e-5)
 
 
 def test_a_few_steps_of_adamw_fit_a_fixed_batch():
     model = _model()
     batch = _batch()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = model(batch).lm_loss.item()
+    first = _lm_loss(model, batch).item()
     for _ in range(30):
         opt.zero_grad()
-        model(batch).loss.backward()
+        _loss(model, batch).backward()
         opt.step()
-    assert model(batch).lm_loss.item() < first - 1.0
+    assert _lm_loss(model, batch).item() < first - 1.0
 
 
 def test_bf16_autocast_runs_and_stays_close():
     model = _model()
     batch = _batch()
-    ref = model(batch).lm_loss
+    ref = _lm_loss(model, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(batch)
-    assert out.loss.dtype == torch.float32
-    assert abs(out.lm_loss.item() - ref.item()) < 0.05
+        loss = _loss(model, batch)
+        lm = _lm_loss(model, batch)
+    assert loss.dtype == torch.float32
+    assert abs(lm.item() - ref.item()) < 0.05
+
+
+def test_meta_build_then_init_equals_a_plain_build():
+    """The trainer builds on the meta device and materialises later: same values, bitwise."""
+    plain = _model(seed=3)
+    with torch.device("meta"):
+        meta = MoETransformer(ARGS)
+    assert all(p.is_meta for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    meta.init_weights(3)
+    for (name, a), b in zip(plain.named_parameters(), meta.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(plain.named_buffers(), meta.buffers(), strict=True):
+        assert torch.equal(a, b), name

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
 
-PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev", "dualpipe")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zb1p", "dualpipev", "dualpipe")
 
 
 def _f(stage: int, mb: int, direction: int = 0) -> Action:
@@ -160,7 +160,9 @@ def _dualpipe(pp: int, n: int) -> dict[int, list[Action]]:
     return schedule
 
 
-def _stage_ranks(name: str, pp: int, virtual: int) -> tuple[tuple[int, ...], ...]:
+def stage_placement(name: str, pp: int, virtual_stages: int = 2) -> tuple[tuple[int, ...], ...]:
+    """`[direction][stage] -> rank` for schedule `name` on `pp` ranks."""
+    virtual = virtual_stages
     if name == "interleaved_1f1b":
         return (tuple(s % pp for s in range(pp * virtual)),)
     if name == "dualpipev":
@@ -248,6 +250,22 @@ def build_schedule(name: str, pp: int, microbatches: int, virtual_stages: int = 
     sends and receives. `virtual_stages` (stages per rank) only applies to interleaved_1f1b;
     dualpipev always holds 2 stages per rank and dualpipe 2 model copies."""
     check_schedule_args(name, pp, microbatches, virtual_stages)
-    stage_ranks = _stage_ranks(name, pp, virtual_stages)
+    stage_ranks = stage_placement(name, pp, virtual_stages)
     compute = _GENERATORS[name](pp, microbatches, virtual_stages)
     return PipelineSchedule(name, pp, microbatches, stage_ranks, _with_communication(compute, stage_ranks))
+
+
+def published_bubble(name: str, pp: int, f: float, b: float, w: float, fb: float) -> tuple[str, float]:
+    """The bubble the literature gives for `name` (the DualPipe README's table; GPipe and
+    Megatron's interleaved 1F1B per chunk), as (formula, value). Its B is the full backward, our
+    b + w; PP counts stages, which is 2pp for dualpipev. The formulas assume F = B_input = W for
+    zb1p and the DualPipe pair, and max(F, b + w) <= F&B <= F + b + w for the DualPipe pair."""
+    full = b + w
+    if name in ("gpipe", "1f1b", "interleaved_1f1b"):
+        return "(PP-1)(F+B)", (pp - 1) * (f + full)
+    if name == "zb1p":
+        return "(PP-1)(F+B-2W)", (pp - 1) * (f + full - 2 * w)
+    stages = 2 * pp if name == "dualpipev" else pp
+    if name in ("dualpipe", "dualpipev"):
+        return f"(PP/2-1)(F&B+B-3W), PP={stages}", (stages // 2 - 1) * (fb + full - 3 * w)
+    raise ValueError(f"pipeline schedule {name!r}: allowed: {', '.join(PIPELINE_SCHEDULES)}")

@@ -17,6 +17,8 @@ each rank's bubble (idle time in the step). Nothing runs: the schedule is data.
 Times are per stage and micro-batch, in any unit: --f forward, --b input-gradient backward,
 --w weight-gradient backward (a full backward takes b + w; the published formulas call that B),
 --fb one F&B (a forward overlapped with a full backward; default f + b + w, no overlap gain).
+The published bubble is printed for comparison; zb1p's and DualPipe's formulas assume
+f = b = w, and DualPipe's also b + w <= F&B <= f + b + w.
 
 examples:
   moe-launch schedule --schedule dualpipev --pp 4 --microbatches 10
@@ -177,10 +179,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     timeline = simulate(schedule, durations)
     fb = durations.f + durations.b + durations.w if durations.fb is None else durations.fb
+    overlap = f" F&B={fb:g}" if schedule.name in ("dualpipe", "dualpipev") else ""
     print(
         f"{schedule.name}: pp={schedule.pp}, {schedule.microbatches} micro-batches, {schedule.num_stages} stages"
         f"{' per copy' if schedule.directions == 2 else ''}; F={durations.f:g} B={durations.b:g} "
-        f"W={durations.w:g} F&B={fb:g} comm={durations.comm:g}"
+        f"W={durations.w:g}{overlap} comm={durations.comm:g}"
     )
     print(render_text(timeline, args.scale))
     print(LEGEND)

@@ -176,13 +176,39 @@ def _check_matching(schedule: PipelineSchedule) -> None:
                     raise ScheduleError(f"rank {rank}: {action}: the neighbouring stage is not on rank {action.peer}")
 
 
-def validate_schedule(schedule: PipelineSchedule, rendezvous: bool = False) -> None:
+def _check_pair_order(schedule: PipelineSchedule) -> None:
+    """Between any two ranks, tensors are received in the order they were sent."""
+    sent: dict[tuple[int, int], list[tuple]] = {}
+    received: dict[tuple[int, int], list[tuple]] = {}
+    for rank, ops in schedule.actions.items():
+        for action in ops:
+            if action.kind in COMM_KINDS:
+                key = _message(rank, action)
+                (sent if action.kind in _MATCH else received).setdefault(key[:2], []).append(key)
+
+    def tensor(key: tuple) -> str:
+        what = "activation into" if key[2] is Kind.RECV_F else "gradient into"
+        return f"the {what} stage {key[4]} of micro-batch {key[5]}"
+
+    for pair, order in sent.items():
+        for i, (mine, theirs) in enumerate(zip(order, received[pair], strict=True)):
+            if mine != theirs:
+                raise ScheduleError(
+                    f"{schedule.name}: rank {pair[0]}'s message {i} to rank {pair[1]} is {tensor(mine)}, "
+                    f"but rank {pair[1]} receives {tensor(theirs)} there"
+                )
+
+
+def validate_schedule(schedule: PipelineSchedule, rendezvous: bool = False, ordered: bool = False) -> None:
     """Raise ScheduleError naming the first problem; return None for a schedule that is sound.
 
-    Sends are taken as asynchronous (posted, waited for at the end of the step). With
-    `rendezvous`, also check the stricter model where each run of consecutive sends/recvs is
-    one blocking batch: gpipe, 1f1b and zb1p pass it; the interleaved and DualPipe schedules
-    need asynchronous sends, as their references use."""
+    Sends are taken as asynchronous (posted, waited for at the end of the step) and each
+    receive as naming its tensor. Two stricter runtimes can be checked too:
+    `rendezvous`: each run of consecutive sends/recvs is one blocking batch (NCCL send/recv in
+    a group); `ordered`: between two ranks, tensors are received in the order they were sent
+    (tag-less point-to-point). gpipe, 1f1b and zb1p pass both; interleaved_1f1b passes `ordered`;
+    dualpipe and dualpipev pass neither: their runtime must post sends asynchronously and
+    match each receive to its tensor (a tag per stream, or receives posted in send order)."""
     if sorted(schedule.actions) != list(range(schedule.pp)):
         raise ScheduleError(
             f"{schedule.name}: actions for ranks {sorted(schedule.actions)}, expected 0..{schedule.pp - 1}"
@@ -193,3 +219,5 @@ def validate_schedule(schedule: PipelineSchedule, rendezvous: bool = False) -> N
     _run(schedule, batched=False)
     if rendezvous:
         _run(schedule, batched=True)
+    if ordered:
+        _check_pair_order(schedule)

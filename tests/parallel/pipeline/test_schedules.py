@@ -43,8 +43,22 @@ def test_every_schedule_runs_each_chunk_once_in_order_without_deadlock(name, pp,
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb1p"])
-def test_simple_schedules_also_run_with_blocking_batched_send_recv(name):
-    validate_schedule(build_schedule(name, 4, 8), rendezvous=True)
+def test_simple_schedules_also_run_with_blocking_batched_send_recv_in_send_order(name):
+    validate_schedule(build_schedule(name, 4, 8), rendezvous=True, ordered=True)
+
+
+def test_dualpipe_receives_in_another_order_than_sent():
+    """Rank 0 sends stage 0's activation of micro-batch 6 during warm-up, rank 1 uses it only
+    after two gradients that rank 0 sent later: the runtime matches receives to tensors."""
+    validate_schedule(build_schedule("interleaved_1f1b", 4, 8), ordered=True)
+    with pytest.raises(
+        ScheduleError,
+        match="rank 0's message 6 to rank 1 is the activation into stage 1 of micro-batch 6, "
+        "but rank 1 receives the gradient into stage 6 of micro-batch 0",
+    ):
+        validate_schedule(build_schedule("dualpipev", 4, 8), ordered=True)
+    with pytest.raises(ScheduleError, match="but rank"):
+        validate_schedule(build_schedule("dualpipe", 8, 16), ordered=True)
 
 
 @pytest.mark.parametrize("name", ["interleaved_1f1b", "dualpipev", "dualpipe"])

@@ -80,7 +80,8 @@ class Action:
         if self.kind is Kind.FB:
             return f"F{self.microbatch}{where}&{self.backward}"
         if self.peer is not None:
-            return f"{self.kind}{self.microbatch}{where}->r{self.peer}"
+            arrow = "->" if self.kind in (Kind.SEND_F, Kind.SEND_B) else "<-"
+            return f"{self.kind}{self.microbatch}{where}{arrow}r{self.peer}"
         return f"{self.kind}{self.microbatch}{where}"
 
 

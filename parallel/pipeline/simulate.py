@@ -3,6 +3,7 @@ each rank's timeline, the step time and each rank's bubble (idle time within the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
@@ -80,10 +81,17 @@ class Timeline:
         return sum(self.bubbles.values()) / total if total else 0.0
 
 
-def simulate(schedule: PipelineSchedule, durations: Durations | None = None) -> Timeline:
+def simulate(
+    schedule: PipelineSchedule,
+    durations: Durations | None = None,
+    time_of: Callable[[int, Action], float] | None = None,
+) -> Timeline:
     """Run the schedule on a clock: a rank starts each compute action as soon as its previous
-    one ended and its receives have arrived (a message lands `comm` after its send is posted)."""
+    one ended and its receives have arrived (a message lands `comm` after its send is posted).
+    `time_of(rank, action)`, when given, overrides the uniform times per action (e.g. measured
+    per stage, or scaled by the stage cut's costs)."""
     durations = durations or Durations()
+    time_of = time_of or (lambda rank, action: durations.of(action))
     ops = schedule.actions
     pos = {r: 0 for r in ops}
     clock = {r: 0.0 for r in ops}
@@ -106,7 +114,7 @@ def simulate(schedule: PipelineSchedule, durations: Durations | None = None) -> 
                         break
                     clock[rank] = max(clock[rank], arrival[key])
                 else:
-                    end = clock[rank] + durations.of(action)
+                    end = clock[rank] + time_of(rank, action)
                     spans[rank].append(Span(clock[rank], end, action))
                     clock[rank] = end
                 pos[rank] += 1

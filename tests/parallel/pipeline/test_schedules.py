@@ -206,3 +206,26 @@ def test_communication_latency_delays_the_receiver():
     assert simulate(one_f_one_b, Durations(comm=0.5)).step_time > simulate(one_f_one_b).step_time + 3
     with pytest.raises(ValueError, match="comm=-1"):
         Durations(comm=-1)
+
+
+def test_times_per_action_override_the_uniform_ones():
+    """A last stage twice as slow (a heavy head) stretches 1F1B's steady state to its pace."""
+    schedule = build_schedule("1f1b", 2, 4)
+
+    def time_of(rank, action):
+        return Durations().of(action) * (2 if action.stage == 1 else 1)
+
+    timeline = simulate(schedule, time_of=time_of)
+    assert timeline.busy(1) == 4 * 6 and timeline.busy(0) == 4 * 3
+    assert timeline.step_time == 1 + 4 * 6 + 2  # rank 0's first F, rank 1's work, rank 0's last BW
+    first = timeline.spans[1][0]
+    assert (first.start, first.end, str(first.action)) == (1, 3, "F0s1")
+
+
+@pytest.mark.parametrize("virtual", [3, 4])
+@pytest.mark.parametrize("pp", [2, 4])
+def test_interleaved_with_more_stages_per_rank(virtual, pp):
+    """Megatron's (PP-1)(F+B)/v of a whole rank is (PP-1)(F+B) in one stage's times."""
+    schedule = build_schedule("interleaved_1f1b", pp, 2 * pp, virtual_stages=virtual)
+    validate_schedule(schedule, ordered=True)
+    assert set(simulate(schedule).bubbles.values()) == {(pp - 1) * 3.0}

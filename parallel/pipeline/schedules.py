@@ -162,9 +162,8 @@ def _dualpipe(pp: int, n: int) -> dict[int, list[Action]]:
 
 def stage_placement(name: str, pp: int, virtual_stages: int = 2) -> tuple[tuple[int, ...], ...]:
     """`[direction][stage] -> rank` for schedule `name` on `pp` ranks."""
-    virtual = virtual_stages
     if name == "interleaved_1f1b":
-        return (tuple(s % pp for s in range(pp * virtual)),)
+        return (tuple(s % pp for s in range(pp * virtual_stages)),)
     if name == "dualpipev":
         return (tuple(range(pp)) + tuple(reversed(range(pp))),)
     if name == "dualpipe":
@@ -182,7 +181,7 @@ def check_schedule_args(name: str, pp: int, microbatches: int, virtual_stages: i
         raise ValueError(f"microbatches={microbatches}: must be >= 1")
     if name == "interleaved_1f1b":
         if virtual_stages < 2:
-            raise ValueError(f"virtual stages={virtual_stages}: interleaved_1f1b needs >= 2 stages per rank")
+            raise ValueError(f"virtual_stages={virtual_stages}: interleaved_1f1b needs >= 2 stages per rank")
         if microbatches % pp:
             raise ValueError(f"microbatches={microbatches}: interleaved_1f1b needs a multiple of pp={pp}")
     if name == "dualpipev":

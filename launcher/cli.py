@@ -8,6 +8,7 @@ import sys
 
 from omegaconf import OmegaConf
 
+from launcher import schedule as schedule_command
 from launcher.compose import available_experiments, compose_config
 from launcher.errors import ConfigError
 from launcher.local import LocalLauncher
@@ -22,12 +23,14 @@ Train Mixture-of-Experts language models with expert, data and pipeline parallel
 commands:
   train     compose a config, validate it, and start the ranks with torchrun
   export    write a checkpoint's weights to one .safetensors or .pt file
+  schedule  print or draw a simulated pipeline schedule (timeline, bubbles)
 
 examples:
   moe-launch train config=tiny                       # the embedded default: CPU, 2 processes
   moe-launch train config=tiny optim.lr=1e-3 train.steps=50
   moe-launch train config=my_experiment.yaml model.num_experts=16 --dry-run
   moe-launch export runs/tiny/20261125-094203 --out tiny.safetensors
+  moe-launch schedule --schedule dualpipev --pp 4 --microbatches 10
 
 Run `moe-launch train --help` for the config syntax.
 """
@@ -75,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     export.add_argument("--out", required=True, metavar="FILE", help="output path ending in .safetensors or .pt")
+    schedule_command.add_parser(sub)
     return parser
 
 
@@ -124,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before or after --dry-run; argparse leaves the later ones unknown.
     args, unknown = parser.parse_known_args(argv)
+    if args.command == "schedule":
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return schedule_command.run(args)
     flags = [a for a in unknown if a.startswith("-")]
     if flags:
         parser.error(f"unknown option {flags[0]}; see moe-launch train --help")

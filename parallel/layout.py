@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev")
+from parallel.pipeline.schedules import PIPELINE_SCHEDULES  # noqa: F401  (the launcher checks pp_schedule against it)
 
 
 @dataclass(frozen=True)

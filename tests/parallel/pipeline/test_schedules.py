@@ -1,0 +1,231 @@
+"""The schedule generators: every schedule valid at pp 2/4/8 and several micro-batch counts,
+stage placement as documented, and the simulator reproducing the published bubbles."""
+
+import pytest
+
+from parallel.pipeline import (
+    PIPELINE_SCHEDULES,
+    Action,
+    Durations,
+    Kind,
+    ScheduleError,
+    build_schedule,
+    simulate,
+    validate_schedule,
+)
+from parallel.pipeline.schedules import published_bubble
+
+
+def microbatch_counts(name: str, pp: int) -> list[int]:
+    """The smallest count each schedule allows, and a few above it."""
+    if name == "interleaved_1f1b":
+        return [pp, 2 * pp, 3 * pp]
+    if name == "dualpipev":
+        return [2 * pp - 1, 2 * pp, 3 * pp + 1]
+    if name == "dualpipe":
+        return [2 * pp - 2, 2 * pp, 3 * pp + 2]
+    return [1, pp - 1, pp, 2 * pp + 1]
+
+
+CASES = [(name, pp, n) for name in PIPELINE_SCHEDULES for pp in (2, 4, 8) for n in microbatch_counts(name, pp) if n]
+
+
+@pytest.mark.parametrize("name,pp,n", CASES)
+def test_every_schedule_runs_each_chunk_once_in_order_without_deadlock(name, pp, n):
+    schedule = build_schedule(name, pp, n)
+    validate_schedule(schedule)  # raises on a missing/duplicate chunk, a bad order, or a deadlock
+    computed = sum(len(a.parts()) for r in schedule.actions for a in schedule.compute_actions(r))
+    halves = sum(
+        1 for r in schedule.actions for a in schedule.compute_actions(r) for p in a.parts() if p.kind is Kind.B
+    )
+    assert computed == 2 * schedule.num_stages * n + halves  # F and backward per (stage, mb), + W per split B
+    simulate(schedule)  # the timing run finishes too
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb1p"])
+def test_simple_schedules_also_run_with_blocking_batched_send_recv_in_send_order(name):
+    validate_schedule(build_schedule(name, 4, 8), rendezvous=True, ordered=True)
+
+
+def test_dualpipe_receives_in_another_order_than_sent():
+    """Rank 0 sends stage 0's activation of micro-batch 6 during warm-up, rank 1 uses it only
+    after two gradients that rank 0 sent later: the runtime matches receives to tensors."""
+    validate_schedule(build_schedule("interleaved_1f1b", 4, 8), ordered=True)
+    with pytest.raises(
+        ScheduleError,
+        match="rank 0's message 6 to rank 1 is the activation into stage 1 of micro-batch 6, "
+        "but rank 1 receives the gradient into stage 6 of micro-batch 0",
+    ):
+        validate_schedule(build_schedule("dualpipev", 4, 8), ordered=True)
+    with pytest.raises(ScheduleError, match="but rank"):
+        validate_schedule(build_schedule("dualpipe", 8, 16), ordered=True)
+
+
+@pytest.mark.parametrize("name", ["interleaved_1f1b", "dualpipev", "dualpipe"])
+def test_interleaved_and_dualpipe_need_asynchronous_sends(name):
+    """With each send blocking until its peer's receive is posted, two neighbours that both send
+    first wait on each other: the runtime must post sends asynchronously, as the references do."""
+    with pytest.raises(ScheduleError, match="deadlocks with batched rendezvous"):
+        validate_schedule(build_schedule(name, 4, 8), rendezvous=True)
+
+
+def test_stage_placement():
+    v = build_schedule("dualpipev", 4, 8)
+    assert [v.stages_of(r) for r in range(4)] == [
+        [(0, 0), (0, 7)],
+        [(0, 1), (0, 6)],
+        [(0, 2), (0, 5)],
+        [(0, 3), (0, 4)],
+    ]
+    d = build_schedule("dualpipe", 4, 8)
+    assert d.directions == 2 and d.num_stages == 4
+    assert [d.stages_of(r) for r in range(4)] == [
+        [(0, 0), (1, 3)],
+        [(0, 1), (1, 2)],
+        [(0, 2), (1, 1)],
+        [(0, 3), (1, 0)],
+    ]
+    assert list(d.microbatches_of(0)) == [0, 1, 2, 3] and list(d.microbatches_of(1)) == [4, 5, 6, 7]
+    i = build_schedule("interleaved_1f1b", 2, 4, virtual_stages=3)
+    assert i.stages_of(1) == [(0, 1), (0, 3), (0, 5)]
+
+
+def test_dualpipe_overlaps_forward_with_backward_and_sends_to_neighbours():
+    schedule = build_schedule("dualpipev", 4, 10)
+    pairs = [a for a in schedule.actions[1] if a.kind is Kind.FB]
+    assert pairs and all(a.backward.kind is Kind.BW for a in pairs)
+    assert {a.peer for a in schedule.actions[1] if not a.is_compute} == {0, 2}
+    # the turn of the V is local: rank 3 holds stages 3 and 4, so stage 3 sends nothing onward
+    assert not [a for a in schedule.actions[3] if a.kind is Kind.SEND_F and a.stage == 3]
+
+
+def test_validator_catches_broken_schedules():
+    def broken(edit):
+        schedule = build_schedule("1f1b", 2, 3)
+        edit(schedule.actions)
+        with pytest.raises(ScheduleError) as err:
+            validate_schedule(schedule)
+        return str(err.value)
+
+    def drop_backward(acts):
+        acts[1].remove(next(a for a in acts[1] if a.kind is Kind.BW))
+
+    assert "BW x0" in broken(drop_backward)
+
+    def backward_first(acts):
+        i, j = (next(k for k, a in enumerate(acts[1]) if a.kind is kind) for kind in (Kind.F, Kind.BW))
+        acts[1][i], acts[1][j] = acts[1][j], acts[1][i]
+
+    assert "runs before its F" in broken(backward_first)
+
+    def receive_gradient_first(acts):
+        recv = next(a for a in acts[0] if a.kind is Kind.RECV_B)
+        acts[0].remove(recv)
+        acts[0].insert(0, recv)
+
+    assert "deadlocks" in broken(receive_gradient_first)
+
+    def drop_send(acts):
+        acts[0].remove(next(a for a in acts[0] if a.kind is Kind.SEND_F))
+
+    assert "sent 0x, received 1x" in broken(drop_send)
+
+
+def test_actions_reject_inconsistent_fields():
+    with pytest.raises(ValueError, match="peer"):
+        Action(Kind.SEND_F, 0, 0)
+    with pytest.raises(ValueError, match="peer"):
+        Action(Kind.F, 0, 0, peer=1)
+    with pytest.raises(ValueError, match="backward half must be B or BW"):
+        Action(Kind.FB, 0, 0, backward=Action(Kind.F, 1, 0))
+    overlapped = Action(Kind.FB, 0, 3, backward=Action(Kind.BW, 1, 1))
+    assert overlapped.parts() == (Action(Kind.F, 0, 3), Action(Kind.BW, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "name,pp,n,message",
+    [
+        ("dualpipe", 3, 8, "pp=3: dualpipe needs an even pp"),
+        ("dualpipe", 4, 7, "microbatches=7: dualpipe needs an even number >= 2\\*pp-2 = 6"),
+        ("dualpipe", 4, 4, "microbatches=4"),
+        ("dualpipev", 4, 6, "microbatches=6: dualpipev needs >= 2\\*pp-1 = 7"),
+        ("dualpipev", 1, 6, "pp=1: dualpipev needs pp >= 2"),
+        ("interleaved_1f1b", 4, 6, "multiple of pp=4"),
+        ("1f1b", 0, 6, "pp=0: must be >= 1"),
+        ("1f1b", 2, 0, "microbatches=0"),
+        ("bogus", 2, 2, "allowed: 1f1b, gpipe"),
+    ],
+)
+def test_bad_sizes_are_refused_in_one_line(name, pp, n, message):
+    with pytest.raises(ValueError, match=message) as err:
+        build_schedule(name, pp, n)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved_1f1b", "zb1p"])
+@pytest.mark.parametrize("pp", [2, 4, 8])
+@pytest.mark.parametrize("t", [1.0, 0.5])
+def test_uniform_times_give_the_published_bubble_on_every_rank(name, pp, t):
+    """1F1B and GPipe (PP-1)(F+B), ZB1P (PP-1)(F+B-2W) with B the full backward = b + w;
+    interleaved 1F1B the same as 1F1B in chunk times (Megatron's (PP-1)(F+B)/v of a whole rank)."""
+    n = 2 * pp
+    timeline = simulate(build_schedule(name, pp, n), Durations(f=t, b=t, w=t))
+    _, expected = published_bubble(name, pp, t, t, t, 3 * t)
+    assert set(timeline.bubbles.values()) == {expected}
+    work = n * (3 * t) * (2 if name == "interleaved_1f1b" else 1)
+    assert timeline.step_time == work + expected
+
+
+@pytest.mark.parametrize("name", ["dualpipe", "dualpipev"])
+@pytest.mark.parametrize("pp", [2, 4, 8])
+@pytest.mark.parametrize("fb", [2.0, 2.5, 3.0])
+def test_dualpipe_bubble_is_the_published_one(name, pp, fb):
+    """(PP/2-1)(F&B+B-3W) with PP the number of stages (2pp for the V-shape, as the DualPipe
+    README counts), for uniform F = b = W and any F&B from the full backward alone (perfect
+    overlap) to F + full backward (none): the worst rank's bubble; no rank idles longer."""
+    for n in (2 * pp, 4 * pp + 2):
+        timeline = simulate(build_schedule(name, pp, n), Durations(f=1, b=1, w=1, fb=fb))
+        _, expected = published_bubble(name, pp, 1, 1, 1, fb)
+        assert max(timeline.bubbles.values()) == pytest.approx(expected)
+
+
+def test_dualpipev_beats_1f1b_at_the_same_ranks_and_microbatches():
+    """Same model on 4 ranks: a 1F1B stage is two V stages, so its times double."""
+    one_f_one_b = simulate(build_schedule("1f1b", 4, 16), Durations(f=2, b=2, w=2))
+    dualpipev = simulate(build_schedule("dualpipev", 4, 16), Durations(f=1, b=1, w=1, fb=2.5))
+    assert dualpipev.step_time < one_f_one_b.step_time
+    assert dualpipev.bubble_share < one_f_one_b.bubble_share
+
+
+def test_communication_latency_delays_the_receiver():
+    """GPipe's critical path crosses pp-1 links forward and pp-1 back; 1F1B, whose warm-up leaves
+    no slack, also waits a round trip in its steady state."""
+    gpipe = build_schedule("gpipe", 4, 8)
+    assert simulate(gpipe, Durations(comm=0.5)).step_time == simulate(gpipe).step_time + 2 * 3 * 0.5
+    one_f_one_b = build_schedule("1f1b", 4, 8)
+    assert simulate(one_f_one_b, Durations(comm=0.5)).step_time > simulate(one_f_one_b).step_time + 3
+    with pytest.raises(ValueError, match="comm=-1"):
+        Durations(comm=-1)
+
+
+def test_times_per_action_override_the_uniform_ones():
+    """A last stage twice as slow (a heavy head) stretches 1F1B's steady state to its pace."""
+    schedule = build_schedule("1f1b", 2, 4)
+
+    def time_of(rank, action):
+        return Durations().of(action) * (2 if action.stage == 1 else 1)
+
+    timeline = simulate(schedule, time_of=time_of)
+    assert timeline.busy(1) == 4 * 6 and timeline.busy(0) == 4 * 3
+    assert timeline.step_time == 1 + 4 * 6 + 2  # rank 0's first F, rank 1's work, rank 0's last BW
+    first = timeline.spans[1][0]
+    assert (first.start, first.end, str(first.action)) == (1, 3, "F0s1")
+
+
+@pytest.mark.parametrize("virtual", [3, 4])
+@pytest.mark.parametrize("pp", [2, 4])
+def test_interleaved_with_more_stages_per_rank(virtual, pp):
+    """Megatron's (PP-1)(F+B)/v of a whole rank is (PP-1)(F+B) in one stage's times."""
+    schedule = build_schedule("interleaved_1f1b", pp, 2 * pp, virtual_stages=virtual)
+    validate_schedule(schedule, ordered=True)
+    assert set(simulate(schedule).bubbles.values()) == {(pp - 1) * 3.0}

@@ -20,7 +20,8 @@ from framework.data.build import build_data
 from framework.distributed import DistContext, init_distributed, shutdown
 from framework.flops import measure_peak_flops, train_flops_per_token
 from framework.metrics import MetricsLogger
-from framework.model.transformer import ModelArgs, MoETransformer
+from framework.model.args import ModelArgs
+from framework.model.transformer import MoETransformer
 from framework.optim import build_lr_scheduler, build_optimizer
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from framework.model.args import SCORE_FUNCS
 from launcher.errors import ConfigError
 from parallel.layout import PIPELINE_SCHEDULES, Layout, resolve_layout
 
-SCORE_FUNCS = ("sigmoid", "softmax")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import framework.model.moe.experts as experts_mod  # noqa: E402
+from framework.model.args import ModelArgs  # noqa: E402
 from framework.model.ffn import SwiGLU  # noqa: E402
 from framework.model.moe.grouped_gemm import grouped_mm, grouped_mm_supported, looped_mm  # noqa: E402
 from framework.model.moe.layer import MoE  # noqa: E402
@@ -254,12 +255,13 @@ def main() -> int:
     T, N = B * S, B * S * args.top_k
 
     # --- models, all with the same weights (DeepSpeed: same expert weights, its own softmax gating)
-    ours = MoE(D, E, H, K, num_shared_experts=0)
+    moe_args = ModelArgs(dim=D, num_experts=E, expert_dim=H, top_k=K, num_shared_experts=0)
+    ours = MoE(moe_args)
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0.0, INIT_STD)
     ours.train()
-    naive_router = Router(D, E, K)
+    naive_router = Router(moe_args)
     naive_router.load_state_dict(ours.router.state_dict())
     naive = NaiveMoE(naive_router, [swiglu_from_grouped(ours, e) for e in range(E)]).train()
 

@@ -12,42 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.model.args import ModelArgs
 from framework.model.attention import Attention
 from framework.model.ffn import SwiGLU
 from framework.model.moe.layer import MoE
 from framework.model.norm import RMSNorm
 from framework.model.rope import rope_table
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    seq_len: int
-    ffn_dim: int
-    num_experts: int
-    num_shared_experts: int
-    top_k: int
-    expert_dim: int
-    first_k_dense: int
-    n_groups: int = 1
-    topk_groups: int = 1
-    score_func: str = "sigmoid"
-    route_scale: float = 1.0
-    aux_loss_alpha: float = 0.0
-    mtp_depth: int = 0
-    mtp_weight: float = 0.3
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-
-    @classmethod
-    def from_config(cls, model_cfg) -> ModelArgs:
-        names = cls.__dataclass_fields__
-        return cls(**{k: model_cfg[k] for k in names if k in model_cfg})
 
 
 @dataclass
@@ -62,24 +32,9 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, moe: bool):
         super().__init__()
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = Attention(args.dim, args.n_heads, args.n_kv_heads)
+        self.attn = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn = (
-            MoE(
-                args.dim,
-                args.num_experts,
-                args.expert_dim,
-                args.top_k,
-                args.num_shared_experts,
-                args.n_groups,
-                args.topk_groups,
-                args.score_func,
-                args.route_scale,
-                args.aux_loss_alpha,
-            )
-            if moe
-            else SwiGLU(args.dim, args.ffn_dim)
-        )
+        self.ffn = MoE(args) if moe else SwiGLU(args.dim, args.ffn_dim)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = h + self.attn(self.attn_norm(h), cos, sin)

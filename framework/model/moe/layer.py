@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from framework.model.args import ModelArgs
 from framework.model.ffn import SwiGLU
 from framework.model.moe.experts import GroupedExperts
 from framework.model.moe.router import Router, sequence_aux_loss
@@ -12,27 +13,16 @@ from parallel.token_dispatch import LocalDispatcher, TokenDispatcher
 
 
 class MoE(nn.Module):
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        expert_dim: int,
-        top_k: int,
-        num_shared_experts: int = 1,
-        n_groups: int = 1,
-        topk_groups: int = 1,
-        score_func: str = "sigmoid",
-        route_scale: float = 1.0,
-        aux_loss_alpha: float = 0.0,
-    ):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.num_experts, self.aux_loss_alpha = num_experts, aux_loss_alpha
-        self.router = Router(dim, num_experts, top_k, n_groups, topk_groups, score_func, route_scale)
-        self.experts = GroupedExperts(num_experts, dim, expert_dim)
-        self.shared = SwiGLU(dim, num_shared_experts * expert_dim) if num_shared_experts else None
+        self.num_experts, self.aux_loss_alpha = args.num_experts, args.aux_loss_alpha
+        self.router = Router(args)
+        self.experts = GroupedExperts(args.num_experts, args.dim, args.expert_dim)
+        shared_dim = args.num_shared_experts * args.expert_dim
+        self.shared = SwiGLU(args.dim, shared_dim) if args.num_shared_experts else None
         self.dispatcher: TokenDispatcher = LocalDispatcher()
         # Tokens routed to each expert since the last bias update (all experts, this rank's data).
-        self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts), persistent=False)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> output, sequence-wise auxiliary loss (zero when alpha is 0 or not training)."""

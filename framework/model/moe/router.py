@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.model.args import SCORE_FUNCS, ModelArgs
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -21,23 +23,16 @@ class Routing:
 
 
 class Router(nn.Module):
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        top_k: int,
-        n_groups: int = 1,
-        topk_groups: int = 1,
-        score_func: str = "sigmoid",
-        route_scale: float = 1.0,
-    ):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.num_experts, self.top_k = num_experts, top_k
-        self.n_groups, self.topk_groups = n_groups, topk_groups
-        self.score_func, self.route_scale = score_func, route_scale
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        if args.score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func={args.score_func!r}: allowed: {', '.join(SCORE_FUNCS)}")
+        self.num_experts, self.top_k = args.num_experts, args.top_k
+        self.n_groups, self.topk_groups = args.n_groups, args.topk_groups
+        self.score_func, self.route_scale = args.score_func, args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.num_experts, args.dim))
         # Persistent: the bias is training state and must survive a checkpoint.
-        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32))
 
     def _group_mask(self, biased_TE: torch.Tensor) -> torch.Tensor:
         """Keep only each token's `topk_groups` best groups, ranked by their top-2 affinities."""

@@ -2,8 +2,9 @@ import math
 
 import torch
 
+from framework.model.args import ModelArgs
 from framework.model.moe.layer import MoE
-from framework.model.transformer import ModelArgs, MoETransformer
+from framework.model.transformer import MoETransformer
 
 ARGS = ModelArgs(
     dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=16, ffn_dim=48,
@@ -84,3 +85,14 @@ def test_bf16_autocast_runs_and_stays_close():
         out = model(batch)
     assert out.loss.dtype == torch.float32
     assert abs(out.lm_loss.item() - ref.item()) < 0.05
+
+
+def test_model_args_are_the_config_schema_and_read_a_run_config_whole():
+    from omegaconf import OmegaConf
+
+    from framework.config import Config
+
+    model_cfg = OmegaConf.structured(Config).model
+    assert OmegaConf.get_type(model_cfg) is ModelArgs
+    model_cfg.dim = 48
+    assert ModelArgs.from_config(model_cfg) == ModelArgs(dim=48)

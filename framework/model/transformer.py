@@ -117,20 +117,20 @@ class MoETransformer(nn.Module):
         logits = self.head(h_normed.to(self.head.weight.dtype)).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
-    def forward(self, batch_BS1: torch.Tensor) -> LossOutput:
-        """The training loss. Each row holds seq_len + 1 tokens: inputs, then the targets
+    def forward(self, batch_BP: torch.Tensor) -> LossOutput:
+        """The training loss. Each row holds P = seq_len + 1 tokens: inputs, then the targets
         shifted by one; the MTP modules read further into the same row."""
-        inputs, targets = batch_BS1[:, :-1], batch_BS1[:, 1:]
+        inputs, targets = batch_BP[:, :-1], batch_BP[:, 1:]
         S = inputs.shape[1]
         h, aux = self._trunk(inputs)
         lm_loss = self._cross_entropy(self.norm(h), targets)
         mtp_loss = lm_loss.new_zeros(())
         for k, module in enumerate(self.mtp, start=1):
             # Depth k at position i sees token i+k and predicts token i+k+1.
-            emb_next = self.embed(batch_BS1[:, k:S])
+            emb_next = self.embed(batch_BP[:, k:S])
             h, h_normed, layer_aux = module(h[:, : S - k], emb_next, self.rope_cos, self.rope_sin)
             aux = aux + layer_aux
-            mtp_loss = mtp_loss + self._cross_entropy(h_normed, batch_BS1[:, k + 1 : S + 1])
+            mtp_loss = mtp_loss + self._cross_entropy(h_normed, batch_BP[:, k + 1 : S + 1])
         if self.args.mtp_depth:
             mtp_loss = mtp_loss / self.args.mtp_depth
         loss = lm_loss + self.args.mtp_weight * mtp_loss + aux

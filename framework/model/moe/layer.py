@@ -34,9 +34,9 @@ class MoE(nn.Module):
                 self.tokens_per_expert += torch.bincount(
                     routing.topk_idx_TK.reshape(-1), minlength=self.num_experts
                 ).to(self.tokens_per_expert)
-        x_ND, tokens_per_expert, meta = self.dispatcher.dispatch(x_TD, routing.topk_idx_TK, self.num_experts)
-        y_ND = self.experts(x_ND, tokens_per_expert)
-        out_TD = self.dispatcher.combine(y_ND, meta, routing.topk_weights_TK)
+        x_MD, tokens_per_expert_L, meta = self.dispatcher.dispatch(x_TD, routing.topk_idx_TK, self.num_experts)
+        y_MD = self.experts(x_MD, tokens_per_expert_L)
+        out_TD = self.dispatcher.combine(y_MD, meta, routing.topk_weights_TK)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD).to(out_TD.dtype)
         aux = x_BSD.new_zeros((), dtype=torch.float32)

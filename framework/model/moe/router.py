@@ -70,9 +70,9 @@ def sequence_aux_loss(routing: Routing, batch: int, alpha: float) -> torch.Tenso
     T, E = routing.scores_TE.shape
     K = routing.topk_idx_TK.shape[1]
     seq = T // batch
-    chosen_BSE = torch.zeros(T, E, device=routing.scores_TE.device)
-    chosen_BSE.scatter_(1, routing.topk_idx_TK, 1.0)
-    chosen_BSE = chosen_BSE.view(batch, seq, E)
+    chosen_TE = torch.zeros(T, E, device=routing.scores_TE.device)
+    chosen_TE.scatter_(1, routing.topk_idx_TK, 1.0)
+    chosen_BSE = chosen_TE.view(batch, seq, E)
     f_BE = chosen_BSE.sum(1) * (E / (K * seq))
     probs_TE = routing.scores_TE / routing.scores_TE.sum(-1, keepdim=True)
     p_BE = probs_TE.view(batch, seq, E).mean(1)

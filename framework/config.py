@@ -12,35 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-@dataclass
-class ModelConfig:
-    """DeepSeek-V3-style MoE transformer; every size comes from here."""
-
-    name: str = "tiny"
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    vocab_size: int = 256
-    seq_len: int = 128
-    ffn_dim: int = 384  # hidden size of the dense SwiGLU blocks
-    num_experts: int = 8
-    num_shared_experts: int = 1
-    top_k: int = 2
-    expert_dim: int = 64  # hidden size of one fine-grained expert
-    first_k_dense: int = 1
-    n_groups: int = 1
-    topk_groups: int = 1
-    score_func: str = "sigmoid"  # sigmoid | softmax
-    route_scale: float = 1.0
-    bias_update_speed: float = 0.001
-    aux_loss_alpha: float = 0.0
-    mtp_depth: int = 0
-    mtp_weight: float = 0.3
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
+from framework.model.args import ModelArgs
 
 
 @dataclass
@@ -140,7 +112,7 @@ class Config:
     """The whole run. `extra` is the one free-form namespace (`+extra.note=...`)."""
 
     experiment: str = "default"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelArgs = field(default_factory=ModelArgs)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

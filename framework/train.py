@@ -18,12 +18,14 @@ from checkpoint.manager import CheckpointManager, NoCheckpointError
 from framework.config import load_run_config
 from framework.data.build import build_data
 from framework.distributed import DistContext, init_distributed, shutdown
+from framework.exit_codes import CONFIG_ERROR_EXIT_CODE, NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 from framework.flops import measure_peak_flops, train_flops_per_token
 from framework.loss import TrainingLoss, token_cross_entropy
 from framework.metrics import MetricsLogger
+from framework.model.args import ModelArgs
 from framework.model.moe.aux_loss import set_aux_loss_scale
 from framework.model.moe.load_balance import ExpertLoadBalancer
-from framework.model.transformer import ModelArgs, MoETransformer
+from framework.model.transformer import MoETransformer
 from framework.optim import build_lr_scheduler, build_optimizer
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp
@@ -31,9 +33,6 @@ from parallel.grad_clip import clip_grad_norm
 from parallel.layout import resolve_layout
 from parallel.memory import memory_report, setup_memory
 from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_mesh, dp_rank_and_size, expert_dp_mesh
-
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run me again
-NON_FINITE_EXIT_CODE = 3
 
 
 class TrainingStopped(Exception):
@@ -330,7 +329,7 @@ def main() -> None:
     except NoCheckpointError as err:
         if ctx.is_main:
             print(f"moe-launch: error: {err}", file=sys.stderr, flush=True)
-        shutdown(2)
+        shutdown(CONFIG_ERROR_EXIT_CODE)
 
     def request_stop(signum, frame):  # SLURM sends SIGTERM/SIGUSR1 before preemption
         trainer.stop_requested = True

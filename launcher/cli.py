@@ -8,14 +8,13 @@ import sys
 
 from omegaconf import OmegaConf
 
+from framework.exit_codes import CONFIG_ERROR_EXIT_CODE
 from launcher import schedule as schedule_command
 from launcher.compose import available_experiments, compose_config
 from launcher.errors import ConfigError
 from launcher.local import LocalLauncher
 from launcher.run_dir import finalize_paths, resolved_config_path, write_resolved_config
 from launcher.validation import validate
-
-EXIT_CONFIG_ERROR = 2
 
 MAIN_HELP = """\
 Train Mixture-of-Experts language models with expert, data and pipeline parallelism.
@@ -119,7 +118,7 @@ def export_weights(run_dir: str, out: str, step: int | None) -> int:
         checkpoint, count = export(run_dir, out, step)
     except ExportError as err:
         print(f"moe-launch: error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return CONFIG_ERROR_EXIT_CODE
     print(f"moe-launch: wrote {count} tensors from {checkpoint} to {out}")
     return 0
 
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown option {flags[0]}; see moe-launch train --help")
     if args.command is None:
         parser.print_help()
-        return EXIT_CONFIG_ERROR
+        return CONFIG_ERROR_EXIT_CODE
     if args.command == "export":
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return train(args.overrides + unknown, args.dry_run)
     except ConfigError as err:
         print(f"moe-launch: error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return CONFIG_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

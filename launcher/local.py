@@ -11,9 +11,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from checkpoint.commit import newest_complete_step
+from framework.exit_codes import REQUEUE_EXIT_CODE
 
 TRAIN_ENTRY_MODULE = "framework.train"
-REQUEUE_EXIT_CODE = 75  # the ranks' code for "stopped by a signal after saving; resubmit me"
 
 # torchrun's agent shares its rendezvous TCPStore with the ranks by default, and keys outlive a
 # restart round: a restarted rank can read a dead peer's gloo/NCCL address from the round before

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from framework.model.args import SCORE_FUNCS
 from launcher.errors import ConfigError
 from parallel.layout import PIPELINE_SCHEDULES, Layout, resolve_layout
 
-SCORE_FUNCS = ("sigmoid", "softmax")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
@@ -98,12 +98,8 @@ def validate_layout(cfg: DictConfig) -> Layout:
     p, launch = cfg.parallel, cfg.launcher
     world = launch.nproc_per_node * launch.nnodes
     _one_of("parallel.pp_schedule", p.pp_schedule, PIPELINE_SCHEDULES)
-    dp_replicate = p.dp_replicate
-    if isinstance(dp_replicate, str) and dp_replicate != "auto":
-        _require(dp_replicate.isdigit(), "parallel.dp_replicate", dp_replicate, "allowed: an int >= 1 or 'auto'")
-        dp_replicate = int(dp_replicate)
-    try:
-        layout = resolve_layout(world, p.pp, dp_replicate, p.dp_shard, p.ep)
+    try:  # the same call every rank makes on the same values (framework/train.py)
+        layout = resolve_layout(world, p.pp, p.dp_replicate, p.dp_shard, p.ep)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     # Pipeline parallelism lands with its own issue; refuse rather than ignore.

@@ -45,9 +45,10 @@ class AllToAllDispatcher:
         x_ND = x_TD.index_select(0, order_N // K)
         counts_E = torch.bincount(expert_N, minlength=num_experts)
         # recv_counts[s, j]: rows source rank s sends to my local expert j.
-        recv_counts = torch.empty_like(counts_E)
+        recv_counts = torch.empty_like(counts_E)  # [R x L], flat
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         counts_RL, recv_RL = counts_E.view(self.ep_size, local), recv_counts.view(self.ep_size, local)
+        # Host synchronisation: the split sizes must be Python ints for the all-to-all.
         send_splits, recv_splits = counts_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
         self._count_cross_node(send_splits)
 

@@ -36,6 +36,18 @@ class Layout:
         return self.dp // (self.ep * self.edp_shard)
 
 
+def parse_dp_replicate(value: object) -> int | None:
+    """`parallel.dp_replicate` as given (an int, "auto", or digits as a string such as a quoted
+    YAML "2") -> the int, or None for auto. The launcher's check and every rank read it here."""
+    if value == "auto":
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"parallel.dp_replicate={value}: allowed: an int >= 1 or 'auto'")
+    return value
+
+
 def resolve_layout(world_size: int, pp: int, dp_replicate: int | str, dp_shard: int, ep: int) -> Layout:
     """Fill in `dp_replicate="auto"` / `dp_shard=-1` and check that the sizes multiply up."""
     if world_size < 1:
@@ -47,9 +59,8 @@ def resolve_layout(world_size: int, pp: int, dp_replicate: int | str, dp_shard: 
     if world_size % pp:
         raise ValueError(f"parallel.pp={pp}: must divide the world size {world_size}")
     dp = world_size // pp
-    auto_replicate = dp_replicate == "auto"
-    if not auto_replicate and (not isinstance(dp_replicate, int) or dp_replicate < 1):
-        raise ValueError(f"parallel.dp_replicate={dp_replicate}: allowed: an int >= 1 or 'auto'")
+    dp_replicate = parse_dp_replicate(dp_replicate)
+    auto_replicate = dp_replicate is None
     if dp_shard != -1 and dp_shard < 1:
         raise ValueError(f"parallel.dp_shard={dp_shard}: allowed: an int >= 1 or -1 (all that is left)")
     if dp_shard == -1:

@@ -3,6 +3,7 @@
 One small interface so the MoE layer never asks which one it has: this local version
 (every expert on this rank) and the all-to-all one in expert_parallel.py. Dispatchers
 live in parallel/ because they are the only part of the MoE that talks to other ranks.
+Shape suffixes (N, M, L, ...) are the letters defined in framework/model/__init__.py.
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ class TokenDispatcher(Protocol):
     def dispatch(
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
-        """-> rows grouped by local expert, tokens per local expert, metadata for combine."""
+        """-> x_MD: the rows this rank's experts compute, grouped by local expert;
+        tokens_per_expert_L: rows per local expert; metadata for combine."""
         ...
 
-    def combine(self, y_ND: torch.Tensor, meta: DispatchMeta, topk_weights_TK: torch.Tensor) -> torch.Tensor:
-        """-> per-token sum over slots of gate weight x expert output."""
+    def combine(self, y_MD: torch.Tensor, meta: DispatchMeta, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        """-> out_TD: per-token sum over slots of gate weight x expert output."""
         ...
 
 
 class LocalDispatcher:
-    """All experts live on this rank: a stable sort by expert id is the whole dispatch."""
+    """All experts live on this rank: a stable sort by expert id is the whole dispatch.
+    The rows never leave, so M = N and the local experts are all experts (L = E)."""
 
     cross_node_rows = 0  # nothing leaves this rank
 
@@ -49,12 +52,13 @@ class LocalDispatcher:
         tokens_per_expert_E = torch.bincount(expert_N, minlength=num_experts)
         return x_ND, tokens_per_expert_E, DispatchMeta(order_N, T, K)
 
-    def combine(self, y_ND, meta, topk_weights_TK):
-        return weighted_sum_to_tokens(y_ND, meta, topk_weights_TK)
+    def combine(self, y_MD, meta, topk_weights_TK):
+        return weighted_sum_to_tokens(y_MD, meta, topk_weights_TK)
 
 
 def weighted_sum_to_tokens(y_ND: torch.Tensor, meta: DispatchMeta, topk_weights_TK: torch.Tensor) -> torch.Tensor:
-    """Scale each row by its gate weight and add it into its token's output, in fp32.
+    """Scale each row (back in dispatch order, N = T x K) by its gate weight and add it
+    into its token's output, in fp32.
     One pass over the rows, no inverse permutation and no [T, K, D] intermediate."""
     token_N = meta.order_N // meta.top_k
     gate_N = topk_weights_TK.reshape(-1).index_select(0, meta.order_N)

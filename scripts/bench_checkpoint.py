@@ -182,7 +182,8 @@ def _evict(path: Path) -> None:
 
 def _measure(rank: int, world: int, cfg: dict) -> dict:
     from checkpoint.manager import CheckpointManager
-    from framework.model.transformer import ModelArgs, MoETransformer
+    from framework.model.args import ModelArgs
+    from framework.model.transformer import MoETransformer
     from framework.optim import build_optimizer
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.fsdp import apply_fsdp

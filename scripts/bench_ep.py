@@ -166,6 +166,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_path: str) -> None:
 
 
 def _measure(rank: int, world: int, cfg: dict, out_path: str) -> None:
+    from framework.model.args import ModelArgs
     from framework.model.moe.layer import MoE
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.layout import resolve_layout
@@ -176,7 +177,8 @@ def _measure(rank: int, world: int, cfg: dict, out_path: str) -> None:
     _install_a2a_timers(timer)
 
     torch.manual_seed(cfg["seed"])  # the same full layer on every rank, then sliced by EP
-    moe = MoE(cfg["dim"], cfg["experts"], cfg["hidden"], cfg["top_k"], num_shared_experts=0)
+    sizes = dict(dim=cfg["dim"], num_experts=cfg["experts"], expert_dim=cfg["hidden"], top_k=cfg["top_k"])
+    moe = MoE(ModelArgs(**sizes, num_shared_experts=0))
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0.0, INIT_STD)

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import framework.model.moe.experts as experts_mod  # noqa: E402
+from framework.model.args import ModelArgs  # noqa: E402
 from framework.model.ffn import SwiGLU  # noqa: E402
 from framework.model.moe.grouped_gemm import grouped_mm, grouped_mm_supported, looped_mm  # noqa: E402
 from framework.model.moe.layer import MoE  # noqa: E402
@@ -209,14 +210,14 @@ def fwd_bwd_step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callabl
     return step
 
 
-def gemm_step(mm: Callable, x_ND, h_NH, w1, w3, w2, offsets, grads) -> Callable[[], None]:
+def gemm_step(mm: Callable, x_ND, h_NF, w1, w3, w2, offsets, grads) -> Callable[[], None]:
     """Forward+backward of the three expert GEMMs of GroupedExperts (x@w1, x@w3, h@w2)."""
-    leaves = (x_ND, h_NH, w1, w3, w2)
+    leaves = (x_ND, h_NF, w1, w3, w2)
 
     def step() -> None:
         for t in leaves:
             t.grad = None
-        outs = (mm(x_ND, w1, offsets), mm(x_ND, w3, offsets), mm(h_NH, w2, offsets))
+        outs = (mm(x_ND, w1, offsets), mm(x_ND, w3, offsets), mm(h_NF, w2, offsets))
         torch.autograd.backward(outs, grads)
 
     return step
@@ -230,11 +231,11 @@ def dense_step(a, b, dy) -> Callable[[], None]:
     return step
 
 
-def dense3_step(x_ND, h_NH, w1, w3, w2, grads) -> Callable[[], None]:
+def dense3_step(x_ND, h_NF, w1, w3, w2, grads) -> Callable[[], None]:
     def step() -> None:
-        for t in (x_ND, h_NH, w1, w3, w2):
+        for t in (x_ND, h_NF, w1, w3, w2):
             t.grad = None
-        torch.autograd.backward((x_ND @ w1, x_ND @ w3, h_NH @ w2), grads)
+        torch.autograd.backward((x_ND @ w1, x_ND @ w3, h_NF @ w2), grads)
 
     return step
 
@@ -254,12 +255,13 @@ def main() -> int:
     T, N = B * S, B * S * args.top_k
 
     # --- models, all with the same weights (DeepSpeed: same expert weights, its own softmax gating)
-    ours = MoE(D, E, H, K, num_shared_experts=0)
+    moe_args = ModelArgs(dim=D, num_experts=E, expert_dim=H, top_k=K, num_shared_experts=0)
+    ours = MoE(moe_args)
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0.0, INIT_STD)
     ours.train()
-    naive_router = Router(D, E, K)
+    naive_router = Router(moe_args)
     naive_router.load_state_dict(ours.router.state_dict())
     naive = NaiveMoE(naive_router, [swiglu_from_grouped(ours, e) for e in range(E)]).train()
 
@@ -307,16 +309,16 @@ def main() -> int:
     def leaf(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape) * INIT_STD).requires_grad_(True)
 
-    x_ND, h_NH = leaf(N, D), leaf(N, H)
+    x_ND, h_NF = leaf(N, D), leaf(N, H)
     w1, w3, w2 = leaf(E, D, H), leaf(E, D, H), leaf(E, H, D)
     g_grads = (torch.randn(N, H), torch.randn(N, H), torch.randn(N, D))
     d1, d3, d2 = leaf(D, H), leaf(D, H), leaf(H, D)
     a_ND, b_D3H = leaf(N, D), leaf(D, 3 * H)
     gemm_fns = {
         "dense: one matmul [N,D]@[D,3H] (reference)": dense_step(a_ND, b_D3H, torch.randn(N, 3 * H)),
-        "dense: 3 matmuls, same shapes, one weight": dense3_step(x_ND, h_NH, d1, d3, d2, g_grads),
-        "ours: 3x grouped_mm": gemm_step(grouped_mm, x_ND, h_NH, w1, w3, w2, offsets, g_grads),
-        "3x looped_mm (per-expert loop)": gemm_step(looped_mm, x_ND, h_NH, w1, w3, w2, offsets, g_grads),
+        "dense: 3 matmuls, same shapes, one weight": dense3_step(x_ND, h_NF, d1, d3, d2, g_grads),
+        "ours: 3x grouped_mm": gemm_step(grouped_mm, x_ND, h_NF, w1, w3, w2, offsets, g_grads),
+        "3x looped_mm (per-expert loop)": gemm_step(looped_mm, x_ND, h_NF, w1, w3, w2, offsets, g_grads),
     }
     gemm_t = time_side_by_side(gemm_fns, args.warmup, args.reps)
     gemm_flops = 3 * (2 * N * D * H) * 3  # 3 matmuls of 2NDH each; backward = 2x forward

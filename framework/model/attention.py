@@ -4,12 +4,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.model.args import ModelArgs
 from framework.model.rope import apply_rope
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
+        dim, n_heads, n_kv_heads = args.dim, args.n_heads, args.n_kv_heads
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = dim // n_heads
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)

@@ -6,11 +6,11 @@ Plain modules that run unchanged on one process; parallel/ shards and splits the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from framework.model.args import ModelArgs
 from framework.model.attention import Attention
 from framework.model.ffn import SwiGLU
 from framework.model.init_blocks import fill_normal_rows
@@ -20,59 +20,13 @@ from framework.model.rope import rope_table
 from parallel.sharded_init import local_rows
 
 
-@dataclass(frozen=True)
-class ModelArgs:
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    seq_len: int
-    ffn_dim: int
-    num_experts: int
-    num_shared_experts: int
-    top_k: int
-    expert_dim: int
-    first_k_dense: int
-    n_groups: int = 1
-    topk_groups: int = 1
-    score_func: str = "sigmoid"
-    route_scale: float = 1.0
-    aux_loss_alpha: float = 0.0
-    mtp_depth: int = 0
-    mtp_weight: float = 0.3
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-
-    @classmethod
-    def from_config(cls, model_cfg) -> ModelArgs:
-        names = cls.__dataclass_fields__
-        return cls(**{k: model_cfg[k] for k in names if k in model_cfg})
-
-
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, moe: bool):
         super().__init__()
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = Attention(args.dim, args.n_heads, args.n_kv_heads)
+        self.attn = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn = (
-            MoE(
-                args.dim,
-                args.num_experts,
-                args.expert_dim,
-                args.top_k,
-                args.num_shared_experts,
-                args.n_groups,
-                args.topk_groups,
-                args.score_func,
-                args.route_scale,
-                args.aux_loss_alpha,
-            )
-            if moe
-            else SwiGLU(args.dim, args.ffn_dim)
-        )
+        self.ffn = MoE(args) if moe else SwiGLU(args.dim, args.ffn_dim)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One tensor in, one out: an MoE block's auxiliary loss rides on its output's backward."""

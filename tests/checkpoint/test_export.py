@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 LOAD_ON_ONE_PROCESS = """
 import sys, torch
 from omegaconf import OmegaConf
-from framework.model.transformer import ModelArgs, MoETransformer
+from framework.model.args import ModelArgs
+from framework.model.transformer import MoETransformer
 cfg = OmegaConf.from_dotlist([o for o in sys.argv[2:] if o.startswith("model.")])
 model = MoETransformer(ModelArgs.from_config(cfg.model))
 weights = torch.load(sys.argv[1], weights_only=True)

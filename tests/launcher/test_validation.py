@@ -1,8 +1,16 @@
 """Every bad config stops the launch with exit code 2 and one line naming the bad value."""
 
+import subprocess
+import sys
+
 import pytest
 
+from framework.config import load_run_config
 from launcher.cli import main
+from launcher.compose import compose_config
+from launcher.run_dir import finalize_paths, write_resolved_config
+from launcher.validation import validate
+from parallel.layout import resolve_layout
 
 SYNTH = ["data=synthetic"]
 
@@ -78,3 +86,29 @@ def test_valid_overrides_pass_validation(capsys, tmp_path):
     code = main(["train", *SYNTH, "--dry-run", "model.num_experts=16", "model.n_groups=4", "+extra.note=hi"])
     assert code == 0
     assert "num_experts: 16" in capsys.readouterr().out
+
+
+def test_dp_replicate_as_a_string_reads_the_same_in_validation_and_on_the_ranks(tmp_path):
+    """`parallel.dp_replicate="2"` stays a string in the resolved config; the launcher's check
+    and the ranks' resolve_layout (framework/train.py) must read it the same way."""
+    cfg = compose_config(
+        "tiny", [*SYNTH, f"run_dir={tmp_path}", 'parallel.dp_replicate="2"', "launcher.nproc_per_node=4"]
+    )
+    finalize_paths(cfg)
+    checked = validate(cfg)
+    assert (checked.dp_replicate, checked.dp_shard) == (2, 2)
+    p = load_run_config(write_resolved_config(cfg)).parallel  # what every rank reads
+    assert p.dp_replicate == "2"
+    assert resolve_layout(4, p.pp, p.dp_replicate, p.dp_shard, p.ep) == checked
+
+
+@pytest.mark.slow
+def test_ranks_start_with_a_string_dp_replicate(tmp_path):
+    """End to end: validation passed this before, and then every rank refused it."""
+    command = [sys.executable, "-m", "launcher.cli", "train", *SYNTH, f"run_dir={tmp_path}"]
+    command += ['parallel.dp_replicate="2"', "train.steps=1", "train.eval_batches=1", "model.seq_len=16"]
+    command += ["data.synthetic_tokens=4000", "train.global_batch_size=2", "train.micro_batch_size=1"]
+    command += ["logging.wandb.mode=disabled"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(pp 1 x dp_replicate 2 x dp_shard 1, ep 1)" in out.stdout

@@ -12,6 +12,7 @@ E, D = 8, 12
 
 
 def _ep_setup(world: int, ep_per_node: int):
+    from framework.model.args import ModelArgs
     from framework.model.moe.layer import MoE
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.layout import resolve_layout
@@ -26,7 +27,7 @@ def _ep_setup(world: int, ep_per_node: int):
             return [self.moe]
 
     torch.manual_seed(0)  # the same full layer on every rank, as after init_weights
-    moe = MoE(D, E, 6, top_k=2, num_shared_experts=0, n_groups=2, topk_groups=1)
+    moe = MoE(ModelArgs(dim=D, num_experts=E, expert_dim=6, top_k=2, num_shared_experts=0, n_groups=2, topk_groups=1))
     for p in moe.parameters():
         nn.init.normal_(p, std=0.5)
     mesh = build_expert_mesh(resolve_layout(world, 1, "auto", -1, world), torch.device("cpu"))
@@ -62,6 +63,7 @@ def test_dispatch_combine_identity_round_trip_is_exact(world):
 
 def _layer_matches_full_layer(rank: int, world: int) -> dict:
     """The EP layer's output and input gradient equal the full layer on the same tokens."""
+    from framework.model.args import ModelArgs
     from framework.model.moe.layer import MoE
     from parallel.token_dispatch import LocalDispatcher
 
@@ -70,7 +72,7 @@ def _layer_matches_full_layer(rank: int, world: int) -> dict:
     out, _ = moe(x)
     out.square().sum().backward()
 
-    ref = MoE(D, E, 6, top_k=2, num_shared_experts=0, n_groups=2, topk_groups=1)
+    ref = MoE(ModelArgs(dim=D, num_experts=E, expert_dim=6, top_k=2, num_shared_experts=0, n_groups=2, topk_groups=1))
     ref.load_state_dict({**moe.state_dict(), **{f"experts.{n}": p for n, p in full_experts.items()}})
     ref.dispatcher = LocalDispatcher()
     x_ref = x.detach().clone().requires_grad_()

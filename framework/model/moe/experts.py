@@ -21,17 +21,17 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        """x rows are grouped by expert, tokens_per_expert_E[e] rows for expert e."""
+    def forward(self, x_MD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
+        """x rows are grouped by expert, tokens_per_expert_L[e] rows for expert e."""
         # Under expert parallelism the weights are DTensors sharded over EP ranks; the
         # rows that reach this rank are for the local experts only.
         w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
-        device = x_ND.device.type
+        device = x_MD.device.type
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
-            x_ND, w1, w2, w3 = (t.to(dtype) for t in (x_ND, w1, w2, w3))
+            x_MD, w1, w2, w3 = (t.to(dtype) for t in (x_MD, w1, w2, w3))
         else:
-            x_ND = x_ND.to(w1.dtype)
-        offsets_E = torch.cumsum(tokens_per_expert_E, 0)
-        h_NH = F.silu(grouped_mm(x_ND, w1, offsets_E)) * grouped_mm(x_ND, w3, offsets_E)
-        return grouped_mm(h_NH, w2, offsets_E)
+            x_MD = x_MD.to(w1.dtype)
+        offsets_L = torch.cumsum(tokens_per_expert_L, 0)
+        h_MF = F.silu(grouped_mm(x_MD, w1, offsets_L)) * grouped_mm(x_MD, w3, offsets_L)
+        return grouped_mm(h_MF, w2, offsets_L)

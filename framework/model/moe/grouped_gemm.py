@@ -13,13 +13,13 @@ import functools
 import torch
 
 
-def looped_mm(x_ND: torch.Tensor, w_EDH: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+def looped_mm(x_MI: torch.Tensor, w_LIO: torch.Tensor, offsets_L: torch.Tensor) -> torch.Tensor:
     """Reference: rows [offsets[e-1], offsets[e]) of x times w[e], one matmul per expert.
     split/unbind (not slicing) so the backward concatenates instead of allocating a
     full-size zero gradient per expert."""
-    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
-    outs = [x @ w for x, w in zip(x_ND.split(counts), w_EDH.unbind(0), strict=True)]
-    return torch.cat(outs) if outs else x_ND.new_zeros(0, w_EDH.shape[-1])
+    counts = torch.diff(offsets_L, prepend=offsets_L.new_zeros(1)).tolist()
+    outs = [x @ w for x, w in zip(x_MI.split(counts), w_LIO.unbind(0), strict=True)]
+    return torch.cat(outs) if outs else x_MI.new_zeros(0, w_LIO.shape[-1])
 
 
 @functools.cache
@@ -41,31 +41,31 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
 
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, w_EDH, offsets_E):
-        ctx.save_for_backward(x_ND, w_EDH, offsets_E)
-        return torch._grouped_mm(x_ND, w_EDH, offs=offsets_E)
+    def forward(ctx, x_MI, w_LIO, offsets_L):
+        ctx.save_for_backward(x_MI, w_LIO, offsets_L)
+        return torch._grouped_mm(x_MI, w_LIO, offs=offsets_L)
 
     @staticmethod
-    def backward(ctx, grad_NH):
-        x_ND, w_EDH, offsets_E = ctx.saved_tensors
-        grad_NH = grad_NH.contiguous()
+    def backward(ctx, grad_MO):
+        x_MI, w_LIO, offsets_L = ctx.saved_tensors
+        grad_MO = grad_MO.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch._grouped_mm(grad_NH, w_EDH.transpose(-2, -1), offs=offsets_E)
+            grad_x = torch._grouped_mm(grad_MO, w_LIO.transpose(-2, -1), offs=offsets_L)
         if ctx.needs_input_grad[1]:
-            # (D x N) @ (N x H) split along N by the offsets -> one D x H block per expert.
-            grad_w = torch._grouped_mm(x_ND.t(), grad_NH, offs=offsets_E)
+            # (I x M) @ (M x O) split along M by the offsets -> one I x O block per expert.
+            grad_w = torch._grouped_mm(x_MI.t(), grad_MO, offs=offsets_L)
         return grad_x, grad_w, None
 
 
-def _aligned(x_ND: torch.Tensor, w_EDH: torch.Tensor) -> bool:
+def _aligned(x_MI: torch.Tensor, w_LIO: torch.Tensor) -> bool:
     """`_grouped_mm` needs every row stride to be a multiple of 16 bytes."""
-    size = x_ND.element_size()
-    return all(n * size % 16 == 0 for n in (x_ND.shape[-1], w_EDH.shape[-1], w_EDH.shape[-2]))
+    size = x_MI.element_size()
+    return all(n * size % 16 == 0 for n in (x_MI.shape[-1], w_LIO.shape[-1], w_LIO.shape[-2]))
 
 
-def grouped_mm(x_ND: torch.Tensor, w_EDH: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x_MI: torch.Tensor, w_LIO: torch.Tensor, offsets_L: torch.Tensor) -> torch.Tensor:
     """x (tokens sorted by expert) @ w[expert of each row]; offsets are cumulative row ends."""
-    if x_ND.dtype == w_EDH.dtype and grouped_mm_supported(x_ND.device.type, x_ND.dtype) and _aligned(x_ND, w_EDH):
-        return _GroupedMM.apply(x_ND, w_EDH, offsets_E.to(torch.int32))
-    return looped_mm(x_ND, w_EDH, offsets_E)
+    if x_MI.dtype == w_LIO.dtype and grouped_mm_supported(x_MI.device.type, x_MI.dtype) and _aligned(x_MI, w_LIO):
+        return _GroupedMM.apply(x_MI, w_LIO, offsets_L.to(torch.int32))
+    return looped_mm(x_MI, w_LIO, offsets_L)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from framework.model.args import ModelArgs
 from framework.model.ffn import SwiGLU
 from framework.model.moe.aux_loss import attach_aux_loss
 from framework.model.moe.experts import GroupedExperts
@@ -13,27 +14,16 @@ from parallel.token_dispatch import LocalDispatcher, TokenDispatcher
 
 
 class MoE(nn.Module):
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        expert_dim: int,
-        top_k: int,
-        num_shared_experts: int = 1,
-        n_groups: int = 1,
-        topk_groups: int = 1,
-        score_func: str = "sigmoid",
-        route_scale: float = 1.0,
-        aux_loss_alpha: float = 0.0,
-    ):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.num_experts, self.aux_loss_alpha = num_experts, aux_loss_alpha
-        self.router = Router(dim, num_experts, top_k, n_groups, topk_groups, score_func, route_scale)
-        self.experts = GroupedExperts(num_experts, dim, expert_dim)
-        self.shared = SwiGLU(dim, num_shared_experts * expert_dim) if num_shared_experts else None
+        self.num_experts, self.aux_loss_alpha = args.num_experts, args.aux_loss_alpha
+        self.router = Router(args)
+        self.experts = GroupedExperts(args.num_experts, args.dim, args.expert_dim)
+        shared_dim = args.num_shared_experts * args.expert_dim
+        self.shared = SwiGLU(args.dim, shared_dim) if args.num_shared_experts else None
         self.dispatcher: TokenDispatcher = LocalDispatcher()
         # Tokens routed to each expert since the last bias update (all experts, this rank's data).
-        self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts), persistent=False)
         self.last_aux_loss = torch.zeros(())  # detached, for inspection
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -47,9 +37,9 @@ class MoE(nn.Module):
                 self.tokens_per_expert += torch.bincount(
                     routing.topk_idx_TK.reshape(-1), minlength=self.num_experts
                 ).to(self.tokens_per_expert)
-        x_ND, tokens_per_expert, meta = self.dispatcher.dispatch(x_TD, routing.topk_idx_TK, self.num_experts)
-        y_ND = self.experts(x_ND, tokens_per_expert)
-        out_TD = self.dispatcher.combine(y_ND, meta, routing.topk_weights_TK)
+        x_MD, tokens_per_expert_L, meta = self.dispatcher.dispatch(x_TD, routing.topk_idx_TK, self.num_experts)
+        y_MD = self.experts(x_MD, tokens_per_expert_L)
+        out_TD = self.dispatcher.combine(y_MD, meta, routing.topk_weights_TK)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD).to(out_TD.dtype)
         out_BSD = out_TD.view(B, S, D).to(x_BSD.dtype)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.model.args import SCORE_FUNCS, ModelArgs
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -21,23 +23,16 @@ class Routing:
 
 
 class Router(nn.Module):
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        top_k: int,
-        n_groups: int = 1,
-        topk_groups: int = 1,
-        score_func: str = "sigmoid",
-        route_scale: float = 1.0,
-    ):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.num_experts, self.top_k = num_experts, top_k
-        self.n_groups, self.topk_groups = n_groups, topk_groups
-        self.score_func, self.route_scale = score_func, route_scale
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        if args.score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func={args.score_func!r}: allowed: {', '.join(SCORE_FUNCS)}")
+        self.num_experts, self.top_k = args.num_experts, args.top_k
+        self.n_groups, self.topk_groups = args.n_groups, args.topk_groups
+        self.score_func, self.route_scale = args.score_func, args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.num_experts, args.dim))
         # Persistent: the bias is training state and must survive a checkpoint.
-        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32))
 
     def _group_mask(self, biased_TE: torch.Tensor) -> torch.Tensor:
         """Keep only each token's `topk_groups` best groups, ranked by their top-2 affinities."""
@@ -75,9 +70,9 @@ def sequence_aux_loss(routing: Routing, batch: int, alpha: float) -> torch.Tenso
     T, E = routing.scores_TE.shape
     K = routing.topk_idx_TK.shape[1]
     seq = T // batch
-    chosen_BSE = torch.zeros(T, E, device=routing.scores_TE.device)
-    chosen_BSE.scatter_(1, routing.topk_idx_TK, 1.0)
-    chosen_BSE = chosen_BSE.view(batch, seq, E)
+    chosen_TE = torch.zeros(T, E, device=routing.scores_TE.device)
+    chosen_TE.scatter_(1, routing.topk_idx_TK, 1.0)
+    chosen_BSE = chosen_TE.view(batch, seq, E)
     f_BE = chosen_BSE.sum(1) * (E / (K * seq))
     probs_TE = routing.scores_TE / routing.scores_TE.sum(-1, keepdim=True)
     p_BE = probs_TE.view(batch, seq, E).mean(1)

@@ -1,13 +1,14 @@
 import torch
 import torch.nn.functional as F
 
+from framework.model.args import ModelArgs
 from framework.model.moe.layer import MoE
 
 
 def _moe(**kw):
     args = dict(dim=16, num_experts=8, expert_dim=12, top_k=3, num_shared_experts=1, n_groups=2, topk_groups=2)
     args.update(kw)
-    moe = MoE(**args)
+    moe = MoE(ModelArgs(**args))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in moe.parameters():

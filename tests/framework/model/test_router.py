@@ -1,12 +1,14 @@
+import pytest
 import torch
 
+from framework.model.args import ModelArgs
 from framework.model.moe.router import Router, sequence_aux_loss
 
 
 def _router(**kw):
     args = dict(dim=16, num_experts=8, top_k=2)
     args.update(kw)
-    router = Router(**args)
+    router = Router(ModelArgs(**args))
     torch.nn.init.normal_(router.weight, generator=torch.Generator().manual_seed(0))
     return router
 
@@ -101,3 +103,8 @@ def test_sequence_aux_loss_is_minimal_when_balanced_and_has_gradient():
         scores_TE=torch.full((32, 8), 0.3),
     )
     torch.testing.assert_close(sequence_aux_loss(uniform, batch=2, alpha=0.1), torch.tensor(0.1))
+
+
+def test_router_rejects_an_unknown_score_func():
+    with pytest.raises(ValueError, match="score_func='relu': allowed: sigmoid, softmax"):
+        Router(ModelArgs(score_func="relu"))

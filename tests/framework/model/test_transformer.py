@@ -3,8 +3,9 @@ import math
 import torch
 
 from framework.loss import TrainingLoss
+from framework.model.args import ModelArgs
 from framework.model.moe.layer import MoE
-from framework.model.transformer import ModelArgs, MoETransformer
+from framework.model.transformer import MoETransformer
 
 ARGS = ModelArgs(
     dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=16, ffn_dim=48,
@@ -126,3 +127,14 @@ def test_meta_build_then_init_equals_a_plain_build():
         assert torch.equal(a, b), name
     for (name, a), b in zip(plain.named_buffers(), meta.buffers(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_model_args_are_the_config_schema_and_read_a_run_config_whole():
+    from omegaconf import OmegaConf
+
+    from framework.config import Config
+
+    model_cfg = OmegaConf.structured(Config).model
+    assert OmegaConf.get_type(model_cfg) is ModelArgs
+    model_cfg.dim = 48
+    assert ModelArgs.from_config(model_cfg) == ModelArgs(dim=48)

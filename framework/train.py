@@ -336,17 +336,22 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGUSR1, request_stop)
+    shutdown(run_to_the_end(trainer))
+
+
+def run_to_the_end(trainer: Trainer) -> int:
+    """Run the loop; -> the exit code. Every clean stop (a signal, a non-finite step) first
+    lets an async save in flight commit (it holds the finite weights of an earlier step), so
+    no exit path abandons a checkpoint half-way."""
     try:
         trainer.run()
+        return 0
     except TrainingStopped as stop:
-        # Any clean stop first lets an async save in flight commit (it holds finite weights
-        # of an earlier step), so no exit path abandons a checkpoint half-way.
         trainer.checkpoints.close()
-        if ctx.is_main:
+        if trainer.ctx.is_main:
             print(f"moe-launch: {stop}", file=sys.stderr, flush=True)
         trainer.logger.finish()
-        shutdown(stop.exit_code)
-    shutdown(0)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

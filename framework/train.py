@@ -22,6 +22,7 @@ from framework.flops import measure_peak_flops, train_flops_per_token
 from framework.metrics import MetricsLogger
 from framework.model.transformer import ModelArgs, MoETransformer
 from framework.optim import build_lr_scheduler, build_optimizer
+from framework.resume_changes import apply_resume_changes
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp
 from parallel.grad_clip import clip_grad_norm
@@ -88,6 +89,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             wandb_run_id = state.get("wandb_run_id")
         self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=wandb_run_id)
+        apply_resume_changes(self.resumed_from, self.model, self.optimizer, self.scheduler, cfg.optim, self.logger)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches, clip, step. -> (loss, grad norm)."""

@@ -53,7 +53,16 @@ OVERRIDES       Hydra overrides, applied after the experiment, last one wins:
                 exit code 2 before any process starts.
 
 The resolved config is written to RUN_DIR/config.yaml (default runs/EXPERIMENT/TIMESTAMP,
-or run_dir=PATH) and every rank reads that file.
+or run_dir=PATH; relative paths start at the project directory) and every rank reads that
+file; RUN_DIR/config.segment-N.yaml keeps each launch's copy.
+
+resume=auto     continue from RUN_DIR's newest checkpoint (the default); the new config is
+                compared with the checkpoint's and each changed key is listed: optimizer,
+                schedule length, cadences, layout are honoured; model, data, global batch
+                and seed changes are refused (exit code 2)
+resume=never    start from scratch; refused if RUN_DIR holds checkpoints
+resume=overwrite  delete RUN_DIR's checkpoints and metrics, then start from scratch
+resume=PATH     continue from that checkpoint (RUN_DIR/checkpoints/step-N)
 
 examples:
   moe-launch train config=tiny

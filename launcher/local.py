@@ -59,13 +59,17 @@ class LocalLauncher:
         committed: a requeue after a failed save would silently lose the work since the last.
         Otherwise the ranks' own exit code (launcher.torchrun passes it on)."""
         saved_before = newest_complete_step(cfg.run_dir)
-        proc = subprocess.Popen(command, env={**os.environ, **self.environment(cfg)}, start_new_session=True)
-        signalled = []
+        signalled, started, forwarded = [], [], []
+
+        def forward_once() -> None:
+            if started and signalled and not forwarded:
+                forwarded.append(True)
+                started[0].send_signal(signal.SIGTERM)  # torchrun has no SIGUSR1 handler of its own
 
         def forward(signum, frame):
             signalled.append(signum)
             if len(signalled) == 1:
-                proc.send_signal(signal.SIGTERM)  # torchrun has no SIGUSR1 handler of its own
+                forward_once()  # before torchrun started: right after it starts, below
             else:
                 print(
                     f"moe-launch: stopping: the ranks finish the step and save (killed after "
@@ -74,9 +78,13 @@ class LocalLauncher:
                     flush=True,
                 )
 
-        previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+        previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}  # before the start: no gap
         try:
-            code = proc.wait()
+            started.append(
+                subprocess.Popen(command, env={**os.environ, **self.environment(cfg)}, start_new_session=True)
+            )
+            forward_once()
+            code = started[0].wait()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

@@ -39,6 +39,7 @@ HONOURED_MODEL_KEYS = (
     "model.init_std",
 )
 SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio")
+UNUSED_DATA_KEY = {"synthetic": "data.path", "file": "data.synthetic_tokens"}  # the other source's key
 NEW_RUN = "or start a new run (another run_dir, or resume=overwrite to delete this one's checkpoints)"
 
 
@@ -81,9 +82,14 @@ def changed_keys(old_yaml: str, new: DictConfig) -> list[tuple[str, object, obje
     old_cfg = OmegaConf.create(old_yaml)
     old = {**defaults, **flatten(OmegaConf.to_container(old_cfg, resolve=True))}
     new_flat = flatten(OmegaConf.to_container(new, resolve=True))
+    unused = (
+        UNUSED_DATA_KEY.get(new_flat.get("data.source"))
+        if old.get("data.source") == new_flat.get("data.source")
+        else None
+    )
     changes = []
     for key, value in new_flat.items():
-        if key in NOT_COMPARED or key not in old:
+        if key in NOT_COMPARED or key not in old or key == unused:
             continue
         if not _same(old[key], value):
             changes.append((key, old[key], value))

@@ -141,3 +141,9 @@ def test_only_incomplete_checkpoints_stop_before_launch(tmp_path, capsys):
     assert dry_run(tmp_path) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moe-launch: error: resume=auto: no usable checkpoint") and "no COMMITTED marker" in err
+
+
+def test_the_other_data_sources_key_is_not_compared(tmp_path, capsys):
+    fake_checkpoint(tmp_path, 10, ["train.steps=20"])  # synthetic data: data.path is unused
+    assert dry_run(tmp_path, "train.steps=20", f"data.path={tmp_path}") == 0
+    assert capsys.readouterr().err == ""

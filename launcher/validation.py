@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from checkpoint.commit import check_complete
 from launcher.errors import ConfigError
+from launcher.run_dir import PROJECT_DIR
 from launcher.token_check import check_token_files
 from parallel.layout import PIPELINE_SCHEDULES, Layout, resolve_layout
 
@@ -183,7 +184,7 @@ def validate_data(cfg: DictConfig) -> None:
             if not f.is_file():
                 raise ConfigError(
                     f"data.path={d.path}: missing {f} (a relative data.path is looked up in the project "
-                    f"directory {Path(__file__).resolve().parent.parent}); run `python scripts/prepare_data.py "
+                    f"directory {PROJECT_DIR}); run `python scripts/prepare_data.py "
                     f"--out {d.path}` or point data.path at a folder with train/val token files"
                 )
         try:

@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from checkpoint.commit import (
     CHECKPOINTS_DIR,
@@ -174,7 +176,12 @@ def plan_resume(cfg: DictConfig, fresh_run_dir: bool) -> ResumePlan:
     if old_yaml is None:
         plan.notes.append(f"moe-launch: warning: {path} holds no config.yaml; cannot check what changed since")
         return plan
-    changes = changed_keys(old_yaml, cfg)
+    try:
+        changes = changed_keys(old_yaml, cfg)
+    except (ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
+        reason = " ".join(str(err).split())
+        plan.notes.append(f"moe-launch: warning: cannot read {source} ({reason}); cannot check what changed since")
+        return plan
     refused = [(k, old, new) for k, old, new in changes if is_refused(k)]
     if refused:
         key, old, new = refused[0]

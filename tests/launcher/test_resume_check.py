@@ -147,3 +147,12 @@ def test_the_other_data_sources_key_is_not_compared(tmp_path, capsys):
     fake_checkpoint(tmp_path, 10, ["train.steps=20"])  # synthetic data: data.path is unused
     assert dry_run(tmp_path, "train.steps=20", f"data.path={tmp_path}") == 0
     assert capsys.readouterr().err == ""
+
+
+def test_an_unreadable_checkpoint_config_is_a_warning(tmp_path, capsys):
+    path = fake_checkpoint(tmp_path, 10, ["train.steps=20"])
+    (path / "config.yaml").write_text("model: {dim: [\n")
+    (path / COMMIT_MARKER).write_text(json.dumps({"files": file_sizes(path)}))  # complete, but unreadable
+    assert dry_run(tmp_path, "train.steps=20") == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"moe-launch: warning: cannot read {path / 'config.yaml'} (") and len(err.splitlines()) == 1

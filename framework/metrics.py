@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -28,12 +29,13 @@ class MetricsLogger:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def log(self, record: dict) -> None:
-        """One JSON object per call appended to metrics.jsonl (and sent to wandb)."""
+        """One JSON object per call appended to metrics.jsonl (and sent to wandb), stamped with
+        `time` (Unix seconds) so records of several segments of one run line up."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        if self.wandb_run is not None:  # wandb keeps its own timestamp
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             self.wandb_run.log(flat, step=record.get("step"))
 

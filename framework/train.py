@@ -27,6 +27,7 @@ from framework.model.moe.aux_loss import set_aux_loss_scale
 from framework.model.moe.load_balance import ExpertLoadBalancer
 from framework.model.transformer import MoETransformer
 from framework.optim import build_lr_scheduler, build_optimizer
+from framework.resume_changes import apply_resume_changes
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp
 from parallel.grad_clip import clip_grad_norm
@@ -99,6 +100,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             wandb_run_id = state.get("wandb_run_id")
         self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=wandb_run_id)
+        apply_resume_changes(self.resumed_from, self.model, self.optimizer, self.scheduler, cfg.optim, self.logger)
 
     @property
     def last_loads(self) -> torch.Tensor:

@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from framework.exit_codes import CONFIG_ERROR_EXIT_CODE
+from framework.exit_codes import CONFIG_ERROR_EXIT_CODE, INTERRUPTED_EXIT_CODE
 from launcher import schedule as schedule_command
 from launcher.compose import available_experiments, compose_config
 from launcher.errors import ConfigError
 from launcher.local import LocalLauncher
-from launcher.run_dir import finalize_paths, resolved_config_path, write_resolved_config
+from launcher.resume_check import plan_resume
+from launcher.run_dir import (
+    check_run_dir,
+    claim_run_dir,
+    clear_previous_run,
+    finalize_paths,
+    resolved_config_path,
+    write_resolved_config,
+)
 from launcher.validation import validate
 
 MAIN_HELP = """\
@@ -45,7 +54,16 @@ OVERRIDES       Hydra overrides, applied after the experiment, last one wins:
                 exit code 2 before any process starts.
 
 The resolved config is written to RUN_DIR/config.yaml (default runs/EXPERIMENT/TIMESTAMP,
-or run_dir=PATH) and every rank reads that file.
+or run_dir=PATH; relative paths start at the project directory) and every rank reads that
+file; RUN_DIR/config.segment-N.yaml keeps each launch's copy.
+
+resume=auto     continue from RUN_DIR's newest checkpoint (the default); the new config is
+                compared with the checkpoint's and each changed key is listed: optimizer,
+                schedule length, cadences, layout are honoured; model, data, global batch
+                and seed changes are refused (exit code 2)
+resume=never    start from scratch; refused if RUN_DIR holds checkpoints
+resume=overwrite  delete RUN_DIR's checkpoints and metrics, then start from scratch
+resume=PATH     continue from that checkpoint (RUN_DIR/checkpoints/step-N)
 
 examples:
   moe-launch train config=tiny
@@ -97,33 +115,62 @@ def train(overrides: list[str], dry_run: bool) -> int:
         if "=" not in ov:
             raise ConfigError(f"{ov}: not an override; expected KEY=VALUE (e.g. optim.lr=3e-4)")
     cfg = compose_config(config, overrides)
-    finalize_paths(cfg)
+    fresh_run_dir = finalize_paths(cfg)
+    check_run_dir(cfg)
     validate(cfg)
+    plan = plan_resume(cfg, fresh_run_dir)  # before anything is written: a refusal leaves the run as it was
     launcher = LocalLauncher()
     if dry_run:
+        for note in plan.notes:
+            print(note, file=sys.stderr)
         env = [f"{k}={v}" for k, v in launcher.environment(cfg).items()]
         print(shlex.join(["env", *env, *launcher.command(cfg, resolved_config_path(cfg))]))
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
+    claim_run_dir(cfg, fresh_run_dir)
+    print(f"moe-launch: run dir {cfg.run_dir}", flush=True)
+    if cfg.resume == "overwrite":
+        if plan.overwrite:
+            removed = clear_previous_run(cfg)
+            print(f"moe-launch: resume=overwrite: deleted the previous run's {', '.join(removed)}", flush=True)
+        cfg.resume = "never"  # the ranks start from scratch in a directory that has no checkpoints now
+    for note in plan.notes:
+        print(note, flush=True)
     config_path = write_resolved_config(cfg)
     command = launcher.command(cfg, config_path)
-    print(f"moe-launch: run dir {cfg.run_dir}", flush=True)
     return launcher.launch(cfg, command)
 
 
 def export_weights(run_dir: str, out: str, step: int | None) -> int:
     from checkpoint.export import ExportError, export  # torch is only needed here
 
+    if Path(out).is_dir():  # checked here: export would write OUT.tmp, then fail to rename it
+        print(
+            f"moe-launch: error: --out {out}: is a directory; allowed: a file path ending in .safetensors or .pt",
+            file=sys.stderr,
+        )
+        return CONFIG_ERROR_EXIT_CODE
     try:
         checkpoint, count = export(run_dir, out, step)
     except ExportError as err:
         print(f"moe-launch: error: {err}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
+    except OSError as err:
+        print(f"moe-launch: error: --out {out}: cannot write it ({err.strerror or err})", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
     print(f"moe-launch: wrote {count} tensors from {checkpoint} to {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the ranks started (the launcher handles it after)
+        print("moe-launch: interrupted; no rank was started", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     # Overrides may come before or after --dry-run; argparse leaves the later ones unknown.
     args, unknown = parser.parse_known_args(argv)

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -60,6 +61,17 @@ def _reject_unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") 
             _reject_unknown_keys(cfg[key], schema[key], f"{full}.")
 
 
+def _check_yaml_syntax(path: Path, text: str) -> None:
+    """A syntax error names the user's file and line (Hydra would name its staged copy, one line off)."""
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).split("\n")[0]
+        raise ConfigError(f"config={path}:{where}: YAML syntax error: {problem}; fix the file") from None
+
+
 def _experiment_override(config: str, tmp: Path) -> tuple[list[str], str]:
     """`config=NAME` picks configs/experiment/NAME.yaml; a path is staged as one."""
     path = Path(config)
@@ -67,6 +79,7 @@ def _experiment_override(config: str, tmp: Path) -> tuple[list[str], str]:
         if not path.is_file():
             raise ConfigError(f"config={config}: no such file; give an experiment name or a YAML path")
         text = path.read_text()
+        _check_yaml_syntax(path, text)
         if "@package" not in text.split("\n", 1)[0]:
             text = "# @package _global_\n" + text
         (tmp / "experiment").mkdir()

@@ -11,9 +11,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from checkpoint.commit import newest_complete_step
-from framework.exit_codes import REQUEUE_EXIT_CODE
+from framework.exit_codes import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE
 
 TRAIN_ENTRY_MODULE = "framework.train"
+AGENT_MODULE = "launcher.torchrun"  # torchrun, reporting a failed rank's own exit code
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 # torchrun's agent shares its rendezvous TCPStore with the ranks by default, and keys outlive a
 # restart round: a restarted rank can read a dead peer's gloo/NCCL address from the round before
@@ -30,7 +32,7 @@ class LocalLauncher:
         return [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            AGENT_MODULE,
             "--standalone",
             f"--nnodes={launch.nnodes}",
             f"--nproc-per-node={launch.nproc_per_node}",
@@ -48,23 +50,40 @@ class LocalLauncher:
 
     def launch(self, cfg: DictConfig, command: list[str]) -> int:
         """Run torchrun in the foreground. SIGTERM/SIGUSR1 (what SLURM sends before
-        preemption) become a SIGTERM to torchrun, which passes it to the ranks: they finish
-        the step and save a checkpoint. REQUEUE_EXIT_CODE only if that checkpoint was
-        committed: a requeue after a failed save would silently lose the work since the last."""
+        preemption), Ctrl-C and a hang-up become one SIGTERM to torchrun, which passes it to
+        the ranks: they finish the step and save a checkpoint. torchrun runs in its own session
+        so a Ctrl-C in the terminal reaches only this process (not torchrun, which would pass a
+        SIGINT on and every rank would print a KeyboardInterrupt traceback).
+        REQUEUE_EXIT_CODE (INTERRUPTED_EXIT_CODE for Ctrl-C) only if that checkpoint was
+        committed: a requeue after a failed save would silently lose the work since the last.
+        Otherwise the ranks' own exit code (launcher.torchrun passes it on)."""
         saved_before = newest_complete_step(cfg.run_dir)
-        proc = subprocess.Popen(command, env={**os.environ, **self.environment(cfg)})
-        signalled = []
+        signalled, started, forwarded = [], [], []
+
+        def forward_once() -> None:
+            if started and signalled and not forwarded:
+                forwarded.append(True)
+                started[0].send_signal(signal.SIGTERM)  # torchrun has no SIGUSR1 handler of its own
 
         def forward(signum, frame):
             signalled.append(signum)
-            proc.send_signal(signal.SIGTERM)  # torchrun has no SIGUSR1 handler of its own
+            if len(signalled) == 1:
+                forward_once()  # before torchrun started: right after it starts, below
+            else:
+                print(
+                    f"moe-launch: stopping: the ranks finish the step and save (killed after "
+                    f"launcher.stop_timeout_s={cfg.launcher.stop_timeout_s} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}  # before the start: no gap
         try:
-            code = proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
-            code = proc.wait()
+            started.append(
+                subprocess.Popen(command, env={**os.environ, **self.environment(cfg)}, start_new_session=True)
+            )
+            forward_once()
+            code = started[0].wait()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -72,7 +91,7 @@ class LocalLauncher:
             return code
         saved_after = newest_complete_step(cfg.run_dir)
         if saved_after is not None and (saved_before is None or saved_after > saved_before):
-            return REQUEUE_EXIT_CODE
+            return INTERRUPTED_EXIT_CODE if signalled[0] == signal.SIGINT else REQUEUE_EXIT_CODE
         newest = "none" if saved_after is None else f"step {saved_after}"
         print(
             f"moe-launch: error: stopped by {signal.Signals(signalled[0]).name} but the ranks committed no new "
@@ -80,4 +99,4 @@ class LocalLauncher:
             file=sys.stderr,
             flush=True,
         )
-        return code if code not in (0, REQUEUE_EXIT_CODE) else 1
+        return code if code not in (0, REQUEUE_EXIT_CODE, INTERRUPTED_EXIT_CODE) else 1

@@ -7,15 +7,21 @@ The schema already caught unknown keys and wrong types; this catches impossible 
 from __future__ import annotations
 
 import json
+import math
+import netrc
 import os
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig
 
+from checkpoint.commit import check_complete
 from framework.model.args import SCORE_FUNCS
 from launcher.errors import ConfigError
+from launcher.run_dir import PROJECT_DIR
+from launcher.token_check import check_token_files
 from parallel.layout import PIPELINE_SCHEDULES, Layout, resolve_layout
 
 PRECISIONS = ("fp32", "bf16")
@@ -25,6 +31,7 @@ DATA_SOURCES = ("file", "synthetic")
 LAUNCHERS = ("local",)
 WANDB_MODES = ("disabled", "offline", "online")
 ON_NAN = ("stop", "skip")
+RESUME_MODES = ("auto", "never", "overwrite")
 CPU_PROCS_FLOOR = 8  # gloo tests run up to 8 ranks even on a 2-core machine
 
 
@@ -172,8 +179,9 @@ def validate_data(cfg: DictConfig) -> None:
             f = root / f"{split}{suffix}"
             if not f.is_file():
                 raise ConfigError(
-                    f"data.path={d.path}: missing {f}; run `python scripts/prepare_data.py --out {d.path}` "
-                    "or point data.path at a folder with train/val token files"
+                    f"data.path={d.path}: missing {f} (a relative data.path is looked up in the project "
+                    f"directory {PROJECT_DIR}); run `python scripts/prepare_data.py "
+                    f"--out {d.path}` or point data.path at a folder with train/val token files"
                 )
         try:
             vocab = json.loads((root / f"{split}.json").read_text())["vocab_size"]
@@ -185,6 +193,7 @@ def validate_data(cfg: DictConfig) -> None:
             cfg.model.vocab_size,
             f"must be >= the data's vocabulary {vocab} ({root / split}.json)",
         )
+    check_token_files(cfg)
 
 
 def validate_launcher(cfg: DictConfig) -> None:
@@ -205,6 +214,26 @@ def validate_launcher(cfg: DictConfig) -> None:
         f"allowed: 1..{limit} ({what})",
     )
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    _require(
+        cfg.logging.wandb.mode != "online" or wandb_api_key_available(),
+        "logging.wandb.mode",
+        "online",
+        "no W&B API key found (WANDB_API_KEY, or `wandb login` for ~/.netrc); allowed without a key: offline, disabled",
+    )
+
+
+def wandb_api_key_available() -> bool:
+    """What wandb itself would find: WANDB_API_KEY (or an identity token file), or a .netrc
+    entry for the W&B host. Checked without importing wandb."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
 
 
 def validate_checkpoint(cfg: DictConfig) -> None:
@@ -213,17 +242,35 @@ def validate_checkpoint(cfg: DictConfig) -> None:
     _positive(ck, "checkpoint", "keep")
     _positive(ck, "checkpoint", "write_threads")
     _one_of("train.on_nan", cfg.train.on_nan, ON_NAN)
-    if cfg.resume not in ("auto", "never"):
+    if cfg.resume not in RESUME_MODES:
+        path = Path(cfg.resume)
+        try:
+            problem = check_complete(path) if path.is_dir() else "no such directory"
+        except OSError as err:
+            problem = err.strerror or str(err)
         _require(
-            Path(cfg.resume).is_dir(),
+            problem is None,
             "resume",
             cfg.resume,
-            "allowed: auto, never, or the path of a checkpoint directory (RUN_DIR/checkpoints/step-N)",
+            f"not a checkpoint ({problem}); allowed: {', '.join(RESUME_MODES)}, or the path of a committed "
+            "checkpoint directory (RUN_DIR/checkpoints/step-N)",
         )
+
+
+def validate_finite(cfg: DictConfig, prefix: str = "") -> None:
+    """inf and nan pass every `> 0` check; no float in the schema may be either."""
+    for key, value in cfg.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            if full != "extra":
+                validate_finite(value, f"{full}.")
+        elif isinstance(value, float):
+            _require(math.isfinite(value), full, value, "must be a finite number")
 
 
 def validate(cfg: DictConfig) -> Layout:
     """Every check, in the order a user would fix them; returns the resolved layout."""
+    validate_finite(cfg)
     validate_launcher(cfg)
     validate_model(cfg.model)
     layout = validate_layout(cfg)

@@ -14,7 +14,7 @@ def rank_pids(config_path: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        is_agent = b"torch.distributed.run" in cmdline or b"launcher.cli" in cmdline
+        is_agent = any(m in cmdline for m in (b"torch.distributed.run", b"launcher.torchrun", b"launcher.cli"))
         if b"framework.train" in cmdline and str(config_path).encode() in cmdline and not is_agent:
             pids.append(int(entry.name))
     return pids

@@ -27,7 +27,7 @@ def test_dry_run_prints_torchrun_command_and_config_and_starts_nothing(capsys, t
     assert code == 0
     out = capsys.readouterr().out
     command, _, config_text = out.partition("\n")
-    assert "torch.distributed.run" in command
+    assert " -m launcher.torchrun --standalone" in command  # torchrun, passing the ranks' exit codes on
     assert command.startswith("env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")  # fresh store per restart round
     assert " TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 " in command  # the ranks' time to save after SIGTERM
     assert "--nproc-per-node=2" in command and "--max-restarts=0" in command

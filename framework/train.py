@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint.manager import CheckpointManager, NoCheckpointError
+from framework.build import build_sharded_model
 from framework.config import load_run_config
 from framework.data.build import build_data
 from framework.distributed import DistContext, init_distributed, shutdown
@@ -25,15 +26,12 @@ from framework.metrics import MetricsLogger
 from framework.model.args import ModelArgs
 from framework.model.moe.aux_loss import set_aux_loss_scale
 from framework.model.moe.load_balance import ExpertLoadBalancer
-from framework.model.transformer import MoETransformer
 from framework.optim import build_lr_scheduler, build_optimizer
 from framework.resume_changes import apply_resume_changes
-from parallel.expert_parallel import apply_expert_parallel
-from parallel.fsdp import apply_fsdp
 from parallel.grad_clip import clip_grad_norm
 from parallel.layout import resolve_layout
 from parallel.memory import memory_report, setup_memory
-from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_mesh, dp_rank_and_size, expert_dp_mesh
+from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_rank_and_size
 
 
 class TrainingStopped(Exception):
@@ -57,17 +55,17 @@ class Trainer:
         self.dp_rank, self.dp_size = dp_rank_and_size(self.mesh)
         torch.manual_seed(cfg.train.seed)
 
-        # Parallelism is applied to a plain model built on the meta device: keep this rank's
-        # experts, shard, and only then materialise and initialise the local shards. No rank
-        # ever holds the whole model; the values equal a full init's (init_blocks.py).
-        with torch.device("meta"):
-            self.model = MoETransformer(ModelArgs.from_config(cfg.model))
-        self.n_params = sum(p.numel() for p in self.model.parameters())  # before EP splits experts
-        ep_per_node = p.ep_per_node or cfg.launcher.nproc_per_node
-        apply_expert_parallel(self.model, self.expert_mesh, ep_per_node)
-        apply_fsdp(self.model, dp_mesh(self.mesh), expert_dp_mesh(self.expert_mesh), cfg.train.precision)
-        self.model.to_empty(device=ctx.device)
-        self.model.init_weights(cfg.train.seed)
+        # Parallelism is applied to a plain model built on the meta device; each rank
+        # materialises only its own shards (framework/build.py).
+        self.model, self.n_params = build_sharded_model(
+            ModelArgs.from_config(cfg.model),
+            cfg.train.seed,
+            self.mesh,
+            self.expert_mesh,
+            cfg.train.precision,
+            ctx.device,
+            p.ep_per_node or cfg.launcher.nproc_per_node,
+        )
         expert_ids = {id(p) for m in self.model.moe_layers() for p in m.experts.parameters()}
         self.expert_params = [p for p in self.model.parameters() if id(p) in expert_ids]
         self.dense_params = [p for p in self.model.parameters() if id(p) not in expert_ids]

@@ -16,13 +16,14 @@ LOAD_ON_ONE_PROCESS = """
 import sys, torch
 from omegaconf import OmegaConf
 from framework.model.args import ModelArgs
+from framework.loss import TrainingLoss
 from framework.model.transformer import MoETransformer
 cfg = OmegaConf.from_dotlist([o for o in sys.argv[2:] if o.startswith("model.")])
 model = MoETransformer(ModelArgs.from_config(cfg.model))
 weights = torch.load(sys.argv[1], weights_only=True)
 model.load_state_dict(weights, strict=True)
 batch = torch.randint(0, model.args.vocab_size, (2, model.args.seq_len + 1))
-print("loss", float(model(batch).lm_loss))
+print("loss", float(TrainingLoss(0.0)(model(batch[:, :-1])[:1], batch[:, 1:])))
 """
 
 

@@ -191,11 +191,14 @@ def validate_data(cfg: DictConfig) -> None:
         )
 
 
-def validate_launcher(cfg: DictConfig) -> None:
+def validate_launcher(cfg: DictConfig, on_this_machine: bool = True) -> None:
     launch = cfg.launcher
     _one_of("launcher.name", launch.name, LAUNCHERS)
-    _positive(launch, "launcher", "nproc_per_node", "nnodes", "stop_timeout_s")
+    _positive(launch, "launcher", "nproc_per_node", "nnodes", "stop_timeout_s", "gpu_memory_gb")
     _non_negative(launch, "launcher", "max_restarts")
+    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    if not on_this_machine:  # `moe-launch plan` describes the target cluster, not this machine
+        return
     _require(
         launch.nnodes == 1, "launcher.nnodes", launch.nnodes, "the local launcher runs on this one node; allowed: 1"
     )
@@ -208,7 +211,6 @@ def validate_launcher(cfg: DictConfig) -> None:
         launch.nproc_per_node,
         f"allowed: 1..{limit} ({what})",
     )
-    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
 
 
 def validate_checkpoint(cfg: DictConfig) -> None:
@@ -226,9 +228,10 @@ def validate_checkpoint(cfg: DictConfig) -> None:
         )
 
 
-def validate(cfg: DictConfig) -> Layout:
-    """Every check, in the order a user would fix them; returns the resolved layout."""
-    validate_launcher(cfg)
+def validate(cfg: DictConfig, on_this_machine: bool = True) -> Layout:
+    """Every check, in the order a user would fix them; returns the resolved layout.
+    on_this_machine=False skips what only matters for starting here (GPUs visible, one node)."""
+    validate_launcher(cfg, on_this_machine)
     validate_model(cfg.model)
     layout = validate_layout(cfg)
     validate_train(cfg, layout)

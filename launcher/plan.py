@@ -1,8 +1,5 @@
-"""`moe-launch plan`: per-rank memory and per-step communication of a config, as tables.
-
-Composes and validates the config as `train` does, then formats parallel/plan.py's numbers;
-imports no torch and needs no GPU, so it answers "does it fit?" before a job is queued.
-"""
+"""`moe-launch plan`: per-rank memory and per-step communication of a config, as tables;
+validates like `train`, imports no torch, needs no GPU: "does it fit?" before a job is queued."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The memory and communication plan of a layout: bytes each rank holds and sends per step.
-
-Pure Python (no torch), from the model config and the layout, counting the tensors
-framework/model builds and sharding them as parallel/expert_parallel.py and fsdp.py do.
-"""
+"""The memory and communication plan of a layout: bytes each rank holds and sends per step,
+in pure Python from the model config, counting and sharding tensors as framework/ and parallel/ do."""
 
 from __future__ import annotations
 

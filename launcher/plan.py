@@ -27,8 +27,8 @@ MEMORY_COLUMNS = (
 def rank_ranges(ranks: list[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
     parts, start = [], ranks[0]
-    for prev, cur in zip(ranks, ranks[1:] + [None], strict=True):
-        if cur != prev + 1 if cur is not None else True:
+    for prev, cur in zip(ranks, [*ranks[1:], None], strict=True):
+        if cur is None or cur != prev + 1:
             parts.append(str(start) if start == prev else f"{start}-{prev}")
             start = cur
     return ",".join(parts)

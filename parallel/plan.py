@@ -187,9 +187,16 @@ def block_activation_bytes(m, moe: bool, precision: str, ep: int) -> tuple[int, 
     return attn_none + moe_none, attn_selective + moe_selective
 
 
+def logits_bytes(m, micro_batch_size: int) -> int:
+    """The fp32 logits of the main head and of every MTP depth: the model returns them all,
+    and they live until the loss's backward (autograd itself keeps their log-softmax)."""
+    tokens = m.seq_len + sum(m.seq_len - k for k in range(1, m.mtp_depth + 1))
+    return micro_batch_size * tokens * FP32 * m.vocab_size
+
+
 def activation_bytes(m, micro_batch_size: int, precision: str, checkpointing: str, ep: int) -> int:
-    """Bytes of saved activations for one micro-batch on one rank at the end of its forward
-    (the peak: backward frees them block by block)."""
+    """Bytes of activations for one micro-batch on one rank at the end of its forward (the
+    peak: backward frees them block by block): what autograd saves, plus the logits."""
     if checkpointing not in ACTIVATION_CHECKPOINTING:
         raise ValueError(
             f"train.activation_checkpointing={checkpointing}: allowed: {', '.join(ACTIVATION_CHECKPOINTING)}"
@@ -215,8 +222,7 @@ def activation_bytes(m, micro_batch_size: int, precision: str, checkpointing: st
     if checkpointing != "none":
         # Backward recomputes one block at a time: its whole set lives while it runs.
         total += S * max(per_block[moe][0] for moe, _ in blocks + mtp_blocks)
-    total += S * FP32 * V  # the logits, alive next to their log-softmax inside the loss
-    return micro_batch_size * total
+    return micro_batch_size * total + logits_bytes(m, micro_batch_size)
 
 
 def _block_group(unit: str) -> str:

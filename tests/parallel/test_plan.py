@@ -12,7 +12,7 @@ from torch import nn
 from framework.config import Config, ModelConfig
 from framework.model.transformer import ModelArgs, MoETransformer
 from parallel.layout import resolve_layout
-from parallel.plan import activation_bytes, chunk_rows, model_buffers, model_params, plan
+from parallel.plan import activation_bytes, chunk_rows, logits_bytes, model_buffers, model_params, plan
 from tests.parallel.harness import make_config
 from tests.parallel.spawn import run_workers
 
@@ -51,10 +51,11 @@ def test_chunk_rows_is_torch_chunk():
             assert [chunk_rows(rows, ranks, r) for r in range(ranks)] == expected
 
 
-def saved_activation_bytes(model: nn.Module, batch: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves during one forward, weights excluded.
-    Under FSDP the gathered weights appear in each unit's pre-forward hook, which runs
-    before the one registered here."""
+def train_step_saved_bytes(trainer) -> int:
+    """Train one step of one micro-batch; -> bytes of the distinct storages autograd saved,
+    weights excluded. Under FSDP the gathered weights appear in each unit's pre-forward hook,
+    which runs before the one registered here."""
+    model = trainer.model
     weights: set[int] = set()
 
     def refresh(*_) -> None:
@@ -68,28 +69,51 @@ def saved_activation_bytes(model: nn.Module, batch: torch.Tensor) -> int:
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
+        data = getattr(t, "elem", t)  # an all-to-all's result wraps the tensor it will hold
+        storage = data.untyped_storage()
         if not isinstance(t, nn.Parameter) and storage.data_ptr() not in weights:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(batch)
-    out.loss.backward()
+        trainer.train_step()
     for hook in hooks:
         hook.remove()
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("variant", ["tiny", "no shared, MHA, no mtp", "odd sizes"])
-def test_fp32_activation_estimate_within_10_percent_of_what_autograd_saves(variant):
-    m = model_config(*MODEL_VARIANTS[variant])
-    model = MoETransformer(ModelArgs.from_config(m))
-    model.init_weights(0)
-    batch = torch.randint(0, m.vocab_size, (2, m.seq_len + 1), generator=torch.Generator().manual_seed(0))
-    measured = saved_activation_bytes(model, batch)
-    estimate = activation_bytes(m, 2, "fp32", "none", ep=1)
-    assert estimate == pytest.approx(measured, rel=0.10)
+def one_step_config(tmp_path, world: int, overrides: list[str]):
+    """The harness's small model, one micro-batch per rank (so one step saves one micro-batch)."""
+    return make_config(tmp_path / "run", world, [f"train.global_batch_size={world}", *overrides])
+
+
+def estimate_for(cfg, world: int):
+    p, t = cfg.parallel, cfg.train
+    layout = resolve_layout(world, p.pp, p.dp_replicate, p.dp_shard, p.ep)
+    return plan(cfg.model, layout, t.precision, t.micro_batch_size, t.global_batch_size)
+
+
+def saved_estimate(cfg, estimate) -> int:
+    """The activation estimate without the logits, which the model returns and autograd does not save."""
+    return estimate.ranks[0].activations - logits_bytes(cfg.model, cfg.train.micro_batch_size)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["model.num_shared_experts=0", "model.n_kv_heads=4", "model.mtp_depth=0"], ["model.first_k_dense=3"]],
+    ids=["moe+mtp+gqa", "mha, no shared, no mtp", "all dense"],
+)
+def test_fp32_activation_estimate_within_10_percent_of_what_autograd_saves(tmp_path, overrides):
+    from framework.distributed import DistContext
+    from framework.train import Trainer
+
+    cfg = one_step_config(tmp_path, 1, ["model.seq_len=64", *overrides])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        measured = train_step_saved_bytes(Trainer(cfg, DistContext(0, 1, 0, torch.device("cpu"))))
+    finally:
+        dist.destroy_process_group()
+    assert saved_estimate(cfg, estimate_for(cfg, 1)) == pytest.approx(measured, rel=0.10)
 
 
 def test_checkpointing_keeps_less_and_bf16_less_than_fp32():
@@ -132,25 +156,21 @@ def test_gradient_accumulation_keeps_unsharded_grads():
 
 
 def _train_one_step(rank: int, world: int, cfg_yaml: str) -> dict:
-    """Measure the first micro-batch's saved activations, then train one step and report
-    every rank's param/grad/optimizer bytes as the trainer logs them."""
+    """Train one step; -> every rank's param/grad/optimizer bytes as the trainer logs them,
+    and the bytes autograd saved on rank 0."""
     from framework.distributed import DistContext
     from framework.train import Trainer
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
     trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
-    activations = None
-    if trainer.layout.ep == 1:  # with EP, the rows a rank's experts receive depend on the routing
-        activations = saved_activation_bytes(trainer.model, trainer.loader.next_step()[0])
-        trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.train_step()
+    activations = train_step_saved_bytes(trainer)
     memory = [None] * world
     dist.all_gather_object(memory, trainer.peak_memory)
     return {"memory": memory, "activations": activations}
 
 
 LAYOUTS = {
-    "dp_shard=3, uneven shards": (3, ["train.global_batch_size=6"]),
+    "dp_shard=3, uneven shards": (3, []),
     "1 process, bf16": (1, ["train.precision=bf16"]),
     "ep=2 over dp_shard=2": (2, ["parallel.ep=2"]),
     "ep=2 x edp_shard=2": (4, ["parallel.ep=2"]),
@@ -162,19 +182,13 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_memory_estimate_within_10_percent_of_measured(name, tmp_path):
     world, overrides = LAYOUTS[name]
-    cfg = make_config(tmp_path / "run", world, overrides)
+    cfg = one_step_config(tmp_path, world, overrides)
     result = run_workers(_train_one_step, world, OmegaConf.to_yaml(cfg))
-    p = cfg.parallel
-    layout = resolve_layout(world, p.pp, p.dp_replicate, p.dp_shard, p.ep)
-    t = cfg.train
-    estimate = plan(cfg.model, layout, t.precision, t.micro_batch_size, t.global_batch_size)
+    estimate = estimate_for(cfg, world)
     for rank, measured in enumerate(result["memory"]):
         mine = estimate.ranks[rank]
         assert mine.params == pytest.approx(measured["param_bytes"], rel=0.10), rank
         assert mine.grads == pytest.approx(measured["grad_bytes"], rel=0.10), rank
         assert mine.optimizer == pytest.approx(measured["optimizer_bytes"], rel=0.10), rank
-    if layout.ep == 1:  # with EP, the rows a rank's experts receive depend on the routing
-        # Rank 0's first micro-batch as FSDP runs it (bf16 casts included), without the
-        # estimate's allowance for the logits that live only inside the loss.
-        logits = cfg.model.seq_len * t.micro_batch_size * 4 * cfg.model.vocab_size
-        assert estimate.ranks[0].activations - logits == pytest.approx(result["activations"], rel=0.10)
+    if estimate.layout.ep == 1:  # with EP, the rows a rank's experts receive depend on the routing
+        assert saved_estimate(cfg, estimate) == pytest.approx(result["activations"], rel=0.10)

@@ -82,8 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Take the same config and overrides as `train` and print, per rank, the bytes of "
         "parameters, gradients, optimizer state, FSDP's unsharded copies and activations against "
         "launcher.gpu_memory_gb, and the bytes each collective sends per step. Needs no GPU; exit code 1 "
-        "when a rank does not fit. Example: moe-launch plan config=deepseek_small model=deepseek_v3 "
-        "launcher.nnodes=32 launcher.nproc_per_node=8 parallel.ep=64",
+        "when a rank does not fit. Example: moe-launch plan config=deepseek_v3 launcher.nnodes=32 parallel.ep=64",
         usage="moe-launch plan [config=NAME|PATH] [OVERRIDES ...]",
     )
     plan.add_argument("overrides", nargs="*", metavar="OVERRIDES", help=argparse.SUPPRESS)

@@ -57,6 +57,7 @@ class TrainConfig:
     eval_batches: int = 4
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     collective_timeout_s: int = 600  # a collective stuck this long (a peer died) fails the rank, so torchrun restarts
+    activation_checkpointing: str = "none"  # none | full | selective
 
 
 @dataclass
@@ -80,6 +81,7 @@ class LauncherConfig:
     # many seconds (its own default is 30, short for a big model's save). Keep it below the
     # lead time of SLURM's --signal.
     stop_timeout_s: int = 120
+    gpu_memory_gb: float = 80  # memory of one GPU, what `moe-launch plan` checks a layout against
 
 
 class CheckpointConfig:

@@ -32,6 +32,7 @@ commands:
   train     compose a config, validate it, and start the ranks with torchrun
   export    write a checkpoint's weights to one .safetensors or .pt file
   schedule  print or draw a simulated pipeline schedule (timeline, bubbles)
+  plan      per-rank memory and per-step communication of a config (no GPU, starts nothing)
 
 examples:
   moe-launch train config=tiny                       # the embedded default: CPU, 2 processes
@@ -96,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     export.add_argument("--out", required=True, metavar="FILE", help="output path ending in .safetensors or .pt")
     schedule_command.add_parser(sub)
+    plan = sub.add_parser(
+        "plan",
+        help="memory per rank and communication per step of a config",
+        description="Take the same config and overrides as `train` and print, per rank, the bytes of "
+        "parameters, gradients, optimizer state, FSDP's unsharded copies and activations against "
+        "launcher.gpu_memory_gb, and the bytes each collective sends per step. Needs no GPU; exit code 1 "
+        "when a rank does not fit. Example: moe-launch plan config=deepseek_v3 launcher.nnodes=32 parallel.ep=64",
+        usage="moe-launch plan [config=NAME|PATH] [OVERRIDES ...]",
+    )
+    plan.add_argument("overrides", nargs="*", metavar="OVERRIDES", help=argparse.SUPPRESS)
     return parser
 
 
@@ -184,6 +195,14 @@ def _main(argv: list[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return CONFIG_ERROR_EXIT_CODE
+    if args.command == "plan":
+        from launcher.plan import run_plan
+
+        try:
+            return run_plan(*_split_config(args.overrides + unknown))
+        except ConfigError as err:
+            print(f"moe-launch: error: {err}", file=sys.stderr)
+            return CONFIG_ERROR_EXIT_CODE
     if args.command == "export":
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -196,11 +196,14 @@ def validate_data(cfg: DictConfig) -> None:
     check_token_files(cfg)
 
 
-def validate_launcher(cfg: DictConfig) -> None:
+def validate_launcher(cfg: DictConfig, on_this_machine: bool = True) -> None:
     launch = cfg.launcher
     _one_of("launcher.name", launch.name, LAUNCHERS)
-    _positive(launch, "launcher", "nproc_per_node", "nnodes", "stop_timeout_s")
+    _positive(launch, "launcher", "nproc_per_node", "nnodes", "stop_timeout_s", "gpu_memory_gb")
     _non_negative(launch, "launcher", "max_restarts")
+    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    if not on_this_machine:  # `moe-launch plan` describes the target cluster, not this machine
+        return
     _require(
         launch.nnodes == 1, "launcher.nnodes", launch.nnodes, "the local launcher runs on this one node; allowed: 1"
     )
@@ -213,7 +216,6 @@ def validate_launcher(cfg: DictConfig) -> None:
         launch.nproc_per_node,
         f"allowed: 1..{limit} ({what})",
     )
-    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     _require(
         cfg.logging.wandb.mode != "online" or wandb_api_key_available(),
         "logging.wandb.mode",
@@ -268,10 +270,11 @@ def validate_finite(cfg: DictConfig, prefix: str = "") -> None:
             _require(math.isfinite(value), full, value, "must be a finite number")
 
 
-def validate(cfg: DictConfig) -> Layout:
-    """Every check, in the order a user would fix them; returns the resolved layout."""
+def validate(cfg: DictConfig, on_this_machine: bool = True) -> Layout:
+    """Every check, in the order a user would fix them; returns the resolved layout.
+    on_this_machine=False skips what only matters for starting here (GPUs visible, one node)."""
     validate_finite(cfg)
-    validate_launcher(cfg)
+    validate_launcher(cfg, on_this_machine)
     validate_model(cfg.model)
     layout = validate_layout(cfg)
     validate_train(cfg, layout)

@@ -179,6 +179,7 @@ class Trainer:
 
         if self.resumed_from is not None:
             self.logger.console(f"resumed from {self.resumed_from.path} at step {self.step}")
+            self.logger.log({"step": self.step, "resumed_from": str(self.resumed_from.path)})
         first_val = self.evaluate()
         self.logger.console(f"step {self.step} | val {first_val:.4f}")
         self.logger.log({"step": self.step, "val_loss": first_val})

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 
 from omegaconf import OmegaConf
 
+from launcher import launch_log, run_commands
 from launcher.compose import available_experiments, compose_config
 from launcher.errors import ConfigError
-from launcher.local import LocalLauncher
 from launcher.run_dir import finalize_paths, resolved_config_path, write_resolved_config
+from launcher.slurm import SlurmLauncher
 from launcher.validation import validate
 
 EXIT_CONFIG_ERROR = 2
@@ -22,12 +22,18 @@ Train Mixture-of-Experts language models with expert, data and pipeline parallel
 commands:
   train     compose a config, validate it, and start the ranks with torchrun
   export    write a checkpoint's weights to one .safetensors or .pt file
+  status    a run's state (SLURM job or local), restarts and last step; a sweep's table
+  cancel    cancel a run's SLURM job (or every job of a sweep)
+  sweep-status  a sweep's summary table: overrides, final losses, tokens/s, status per point
+  report    a run's (or sweep's) summary from metrics.jsonl; --png draws the curves
 
 examples:
   moe-launch train config=tiny                       # the embedded default: CPU, 2 processes
   moe-launch train config=tiny optim.lr=1e-3 train.steps=50
   moe-launch train config=my_experiment.yaml model.num_experts=16 --dry-run
   moe-launch export runs/tiny/20261125-094203 --out tiny.safetensors
+  moe-launch train config=tiny launcher=slurm launcher.nnodes=2 launcher.partition=gpu
+  moe-launch train config=tiny optim.lr=1e-3,3e-4 model.num_experts=4,8 -m   # a sweep of 4 runs
 
 Run `moe-launch train --help` for the config syntax.
 """
@@ -41,6 +47,12 @@ OVERRIDES       Hydra overrides, applied after the experiment, last one wins:
                   +extra.note=baseline                 add a free-form value
                 Unknown keys, wrong types and impossible values stop the launch with
                 exit code 2 before any process starts.
+-m              a sweep (Hydra multirun): optim.lr=1e-3,3e-4 model.num_experts=4,8 runs the
+                cross product; range(1,4), choice(a,b) work as in Hydra. Local points run
+                launcher.parallel_runs at a time; with launcher=slurm each is its own job.
+launcher=slurm  submit an sbatch job: launcher.nnodes, .nproc_per_node, .partition, .account,
+                .qos, .time, .constraint, .exclusive, .mem, .job_name, .gpus_per_node,
+                .cpus_per_task, .min_nodes (elastic), .signal_lead_s, .extra_directives=[...]
 
 The resolved config is written to RUN_DIR/config.yaml (default runs/EXPERIMENT/TIMESTAMP,
 or run_dir=PATH) and every rank reads that file.
@@ -49,6 +61,7 @@ examples:
   moe-launch train config=tiny
   moe-launch train config=tiny launcher.nproc_per_node=1 train.steps=20 data=synthetic
   moe-launch train config=tiny --dry-run
+  moe-launch train config=tiny launcher=slurm launcher.nnodes=16 --dry-run   # prints the sbatch script
 """
 
 
@@ -65,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         usage="moe-launch train [config=NAME|PATH] [OVERRIDES ...] [--dry-run]",
     )
     train.add_argument("--dry-run", action="store_true", help="print the torchrun command and config, start nothing")
+    train.add_argument("-m", "--multirun", action="store_true", help="run every point of the swept overrides")
     train.add_argument("overrides", nargs="*", metavar="OVERRIDES", help=argparse.SUPPRESS)
     export = sub.add_parser(
         "export",
@@ -75,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     export.add_argument("--out", required=True, metavar="FILE", help="output path ending in .safetensors or .pt")
+    run_commands.add_parsers(sub)
     return parser
 
 
@@ -88,24 +103,30 @@ def _split_config(overrides: list[str]) -> tuple[str, list[str]]:
     return config, rest
 
 
-def train(overrides: list[str], dry_run: bool) -> int:
+def train(overrides: list[str], dry_run: bool, multirun: bool = False) -> int:
     config, overrides = _split_config(overrides)
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"{ov}: not an override; expected KEY=VALUE (e.g. optim.lr=3e-4)")
+    if multirun:
+        return run_commands.sweep(config, overrides, dry_run)
     cfg = compose_config(config, overrides)
     finalize_paths(cfg)
     validate(cfg)
-    launcher = LocalLauncher()
+    launcher = run_commands.launcher_for(cfg)
     if dry_run:
-        env = [f"{k}={v}" for k, v in launcher.environment(cfg).items()]
-        print(shlex.join(["env", *env, *launcher.command(cfg, resolved_config_path(cfg))]))
+        print(launcher.preview(cfg, resolved_config_path(cfg)))
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
     config_path = write_resolved_config(cfg)
     command = launcher.command(cfg, config_path)
     print(f"moe-launch: run dir {cfg.run_dir}", flush=True)
-    return launcher.launch(cfg, command)
+    if isinstance(launcher, SlurmLauncher):
+        return launcher.launch(cfg, command)
+    launch_log.record(cfg.run_dir, "start")
+    code = launcher.launch(cfg, command)
+    launch_log.record(cfg.run_dir, "exit", code)
+    return code
 
 
 def export_weights(run_dir: str, out: str, step: int | None) -> int:
@@ -134,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return export_weights(args.run_dir, args.out, args.step)
+    if args.command in run_commands.COMMANDS:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return run_commands.dispatch(args)
     try:
-        return train(args.overrides + unknown, args.dry_run)
+        return train(args.overrides + unknown, args.dry_run, args.multirun)
     except ConfigError as err:
         print(f"moe-launch: error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

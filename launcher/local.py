@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -46,20 +47,34 @@ class LocalLauncher:
         # torchrun's grace between passing a SIGTERM on and killing the ranks
         return {**TORCHRUN_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.launcher.stop_timeout_s)}
 
+    def preview(self, cfg: DictConfig, config_path: Path) -> str:
+        """What --dry-run prints before the config: the command line with its environment."""
+        env = [f"{k}={v}" for k, v in self.environment(cfg).items()]
+        return shlex.join(["env", *env, *self.command(cfg, config_path)])
+
     def launch(self, cfg: DictConfig, command: list[str]) -> int:
         """Run torchrun in the foreground. SIGTERM/SIGUSR1 (what SLURM sends before
         preemption) become a SIGTERM to torchrun, which passes it to the ranks: they finish
         the step and save a checkpoint. REQUEUE_EXIT_CODE only if that checkpoint was
         committed: a requeue after a failed save would silently lose the work since the last."""
         saved_before = newest_complete_step(cfg.run_dir)
-        proc = subprocess.Popen(command, env={**os.environ, **self.environment(cfg)})
+        # torchrun has no SIGUSR1 handler, so the default action would kill it and orphan the ranks when
+        # a signal reaches the whole process tree (SLURM signals every process of a job step): it starts
+        # with SIGUSR1 ignored (inherited); the ranks install their own handler.
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        try:
+            proc = subprocess.Popen(command, env={**os.environ, **self.environment(cfg)})
+        finally:
+            signal.signal(signal.SIGUSR1, previous[signal.SIGUSR1])
         signalled = []
 
         def forward(signum, frame):
             signalled.append(signum)
-            proc.send_signal(signal.SIGTERM)  # torchrun has no SIGUSR1 handler of its own
+            proc.send_signal(signal.SIGTERM)  # torchrun's own stop signal: it passes it on to the ranks
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        for s in previous:
+            signal.signal(s, forward)
         try:
             code = proc.wait()
         except KeyboardInterrupt:

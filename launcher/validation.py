@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,7 +23,7 @@ PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
 DATA_SOURCES = ("file", "synthetic")
-LAUNCHERS = ("local",)
+LAUNCHERS = ("local", "slurm")
 WANDB_MODES = ("disabled", "offline", "online")
 ON_NAN = ("stop", "skip")
 CPU_PROCS_FLOOR = 8  # gloo tests run up to 8 ranks even on a 2-core machine
@@ -196,6 +197,11 @@ def validate_launcher(cfg: DictConfig) -> None:
     _one_of("launcher.name", launch.name, LAUNCHERS)
     _positive(launch, "launcher", "nproc_per_node", "nnodes", "stop_timeout_s")
     _non_negative(launch, "launcher", "max_restarts")
+    _positive(launch, "launcher", "parallel_runs")
+    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    if launch.name == "slurm":
+        validate_slurm(cfg)
+        return
     _require(
         launch.nnodes == 1, "launcher.nnodes", launch.nnodes, "the local launcher runs on this one node; allowed: 1"
     )
@@ -208,7 +214,50 @@ def validate_launcher(cfg: DictConfig) -> None:
         launch.nproc_per_node,
         f"allowed: 1..{limit} ({what})",
     )
-    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+
+
+SLURM_TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|UNLIMITED|INFINITE)$")
+SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+SBATCH_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")  # sbatch reads a backslash as an escape; a newline ends the line
+
+
+def validate_slurm(cfg: DictConfig) -> None:
+    """The sbatch options: values go into #SBATCH lines (quoted), so control characters are refused."""
+    launch = cfg.launcher
+    _non_negative(launch, "launcher", "min_nodes", "gpus_per_node", "cpus_per_task")
+    _require(
+        launch.min_nodes <= launch.nnodes,
+        "launcher.min_nodes",
+        launch.min_nodes,
+        f"allowed: 0 (not elastic) or 1..launcher.nnodes={launch.nnodes}",
+    )
+    _require(
+        launch.stop_timeout_s < launch.signal_lead_s <= 65535,
+        "launcher.signal_lead_s",
+        launch.signal_lead_s,
+        f"must be > launcher.stop_timeout_s={launch.stop_timeout_s} (the ranks' time to save) and <= 65535",
+    )
+    _require(
+        launch.time == "" or bool(SLURM_TIME.match(launch.time)),
+        "launcher.time",
+        launch.time,
+        "allowed: MINUTES, HH:MM:SS, D-HH, D-HH:MM:SS or UNLIMITED",
+    )
+    _require(
+        launch.mem == "" or bool(SLURM_MEM.match(launch.mem)), "launcher.mem", launch.mem, "allowed: e.g. 0, 4000, 480G"
+    )
+    values = {f"launcher.{k}": launch[k] for k in ("job_name", "partition", "account", "qos", "constraint")}
+    values.update({f"launcher.extra_directives[{i}]": d for i, d in enumerate(launch.extra_directives)})
+    values.update({"run_dir": cfg.run_dir, "config": cfg.experiment})
+    for key, value in values.items():
+        _require(not SBATCH_UNSAFE.search(value), key, repr(value), "must not hold control characters or backslashes")
+    for i, directive in enumerate(launch.extra_directives):
+        _require(
+            directive.startswith("-"),
+            f"launcher.extra_directives[{i}]",
+            directive,
+            "must be an sbatch option such as --mail-type=END",
+        )
 
 
 def validate_checkpoint(cfg: DictConfig) -> None:

@@ -6,6 +6,7 @@ The schema already caught unknown keys and wrong types; this catches impossible 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -275,12 +276,27 @@ def validate_checkpoint(cfg: DictConfig) -> None:
         )
 
 
+def validate_elastic(cfg: DictConfig) -> None:
+    """An elastic SLURM job may run on any node count from min_nodes up: the layout and batch must fit each."""
+    launch = cfg.launcher
+    if launch.name != "slurm" or not launch.min_nodes:
+        return
+    for nodes in range(launch.min_nodes, launch.nnodes):
+        shrunk = copy.deepcopy(cfg)
+        shrunk.launcher.nnodes = nodes
+        try:
+            validate_train(shrunk, validate_layout(shrunk))
+        except ConfigError as err:
+            raise ConfigError(f"{err} (on {nodes} nodes, which launcher.min_nodes={launch.min_nodes} allows)") from None
+
+
 def validate(cfg: DictConfig) -> Layout:
     """Every check, in the order a user would fix them; returns the resolved layout."""
     validate_launcher(cfg)
     validate_model(cfg.model)
     layout = validate_layout(cfg)
     validate_train(cfg, layout)
+    validate_elastic(cfg)
     validate_data(cfg)
     validate_checkpoint(cfg)
     return layout

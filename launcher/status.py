@@ -32,20 +32,34 @@ class RunStatus:
         return self.state in ("running", "pending", "requeued")
 
 
+LAUNCHER_LINES = ("moe-launch: job ", "moe-launch: got SIG", "moe-launch: checkpoint saved", "moe-launch: run dir")
+WRAPPER_ERRORS = ("ChildFailedError", "SignalException")  # torchrun's summary of a rank's failure, not the cause
+
+
+def _reason(lines: list[str]) -> str:
+    """Why a run failed, from its console: an error line, else the trainer's stop message, else an exception."""
+    for line in reversed(lines):
+        if ERROR_PREFIX in line:
+            return line.split(ERROR_PREFIX, 1)[1].strip()
+    for line in reversed(lines):  # the trainer's stop message (not a status line with " | ")
+        if line.startswith("moe-launch: ") and " | " not in line and not line.startswith(LAUNCHER_LINES):
+            return line.removeprefix("moe-launch: ").strip()
+    for line in reversed(lines):
+        head = line.split(":")[0]
+        if head.endswith(("Error", "Exception")) and not head.endswith(WRAPPER_ERRORS) and " " not in head:
+            return line.strip()
+    return ""
+
+
 def _last_error(run_dir: Path, job: dict | None) -> str:
-    """The last `moe-launch: error:` (or Python error) line a run printed: why it failed."""
+    """The reason a run failed, from its newest log (a SLURM job's, or a local sweep point's console)."""
     logs = [Path(job["log"])] if job else []
     logs += sorted(run_dir.glob("slurm-*.log")) + [run_dir / "console.log"]
     for log in logs:
-        if not log.is_file():
-            continue
-        lines = log.read_text(errors="replace").splitlines()
-        for line in reversed(lines):
-            if ERROR_PREFIX in line:
-                return line.split(ERROR_PREFIX, 1)[1].strip()
-        for line in reversed(lines):
-            if line.split(":")[0].endswith(("Error", "Exception")):
-                return line.strip()
+        if log.is_file():
+            reason = _reason(log.read_text(errors="replace").splitlines())
+            if reason:
+                return reason
     return ""
 
 
@@ -72,7 +86,7 @@ def _from_launch_log(events: list[dict]) -> tuple[str, str]:
         return "completed", ""
     if code == launch_log.REQUEUE_EXIT_CODE:
         return "stopped", launch_log.describe_exit(code)
-    return "failed", launch_log.describe_exit(code)
+    return "failed", f"killed by signal {code - 128}" if code > 128 else f"exit code {code}"
 
 
 def _from_slurm(state: dict[str, str]) -> tuple[str, str]:

@@ -123,8 +123,8 @@ def submit_slurm(sweep_dir: Path, points: list[SweepPoint], cfgs: list[DictConfi
     """Each point is its own job; one more job, after all of them end, writes the summary."""
     for point, cfg in zip(points, cfgs, strict=True):
         point.job_id = slurm.submit(cfg, write_resolved_config(cfg))
+        write_sweep(sweep_dir, "slurm", points)  # after each: `moe-launch cancel` finds what was submitted
         print(f"moe-launch: {_point_line(point, len(points))} submitted as SLURM job {point.job_id}", flush=True)
-    write_sweep(sweep_dir, "slurm", points)
     summary = [sys.executable, "-m", "launcher.cli", "sweep-status", str(sweep_dir), "--write"]
     command = [
         "sbatch",

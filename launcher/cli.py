@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         help="train a model",
         description=TRAIN_HELP.format(experiments=", ".join(available_experiments())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="moe-launch train [config=NAME|PATH] [OVERRIDES ...] [--dry-run]",
+        usage="moe-launch train [config=NAME|PATH] [OVERRIDES ...] [--dry-run] [-m]",
     )
     train.add_argument("--dry-run", action="store_true", help="print the torchrun command and config, start nothing")
     train.add_argument("-m", "--multirun", action="store_true", help="run every point of the swept overrides")

@@ -233,6 +233,12 @@ def validate_slurm(cfg: DictConfig) -> None:
         f"allowed: 0 (not elastic) or 1..launcher.nnodes={launch.nnodes}",
     )
     _require(
+        not launch.gpus_per_node or launch.nproc_per_node <= launch.gpus_per_node,
+        "launcher.nproc_per_node",
+        launch.nproc_per_node,
+        f"must be <= launcher.gpus_per_node={launch.gpus_per_node} (one rank per GPU; 0 GPUs for CPU nodes)",
+    )
+    _require(
         launch.stop_timeout_s < launch.signal_lead_s <= 65535,
         "launcher.signal_lead_s",
         launch.signal_lead_s,

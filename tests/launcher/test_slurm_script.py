@@ -148,6 +148,7 @@ def test_every_value_is_quoted_a_nasty_name_and_path_run_no_command(tmp_path):
         ("launcher.job_name=a\\b", "launcher.job_name='a\\\\b': must not hold control characters or backslashes"),
         ("launcher.gpus_per_node=-1", "launcher.gpus_per_node=-1: must be >= 0"),
         ("launcher.parallel_runs=0", "launcher.parallel_runs=0: must be > 0"),
+        ("launcher.gpus_per_node=4", "launcher.nproc_per_node=8: must be <= launcher.gpus_per_node=4"),
     ],
 )
 def test_bad_slurm_keys_exit_2_with_one_line(override, message, capsys, tmp_path):

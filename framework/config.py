@@ -71,7 +71,7 @@ class DataConfig:
 
 @dataclass
 class LauncherConfig:
-    """How processes start; the local backend runs torchrun on this machine."""
+    """How processes start: torchrun on this machine (local) or in a SLURM job (slurm)."""
 
     name: str = "local"
     nproc_per_node: int = 2
@@ -82,6 +82,24 @@ class LauncherConfig:
     # lead time of SLURM's --signal.
     stop_timeout_s: int = 120
     gpu_memory_gb: float = 80  # memory of one GPU, what `moe-launch plan` checks a layout against
+    # Sweeps (-m): local points run this many at a time; on SLURM each point is its own job.
+    parallel_runs: int = 1
+    # SLURM (launcher=slurm): one sbatch job of nnodes nodes; an empty or zero value leaves its
+    # #SBATCH line out. min_nodes > 0 makes the job elastic (torchrun --nnodes=min_nodes:nnodes).
+    min_nodes: int = 0
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time: str = ""  # the job's time limit, e.g. 04:00:00 or 2-00:00:00
+    constraint: str = ""
+    exclusive: bool = False
+    mem: str = ""  # per node, e.g. 480G; 0 asks for all of it
+    job_name: str = ""  # empty: the experiment name
+    gpus_per_node: int = 0
+    cpus_per_task: int = 0  # CPUs for the one task per node that runs torchrun and all its ranks
+    # SLURM signals the job this many seconds before its time limit; the ranks save and it requeues.
+    signal_lead_s: int = 300
+    extra_directives: list[str] = field(default_factory=list)  # more sbatch options, e.g. --mail-type=END
 
 
 class CheckpointConfig:

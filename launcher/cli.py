@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from framework.exit_codes import CONFIG_ERROR_EXIT_CODE, INTERRUPTED_EXIT_CODE
+from launcher import launch_log, run_commands
 from launcher import schedule as schedule_command
 from launcher.compose import available_experiments, compose_config
 from launcher.errors import ConfigError
-from launcher.local import LocalLauncher
 from launcher.resume_check import plan_resume
 from launcher.run_dir import (
     check_run_dir,
@@ -23,6 +22,7 @@ from launcher.run_dir import (
     resolved_config_path,
     write_resolved_config,
 )
+from launcher.slurm import SlurmLauncher
 from launcher.validation import validate
 
 MAIN_HELP = """\
@@ -33,6 +33,10 @@ commands:
   export    write a checkpoint's weights to one .safetensors or .pt file
   schedule  print or draw a simulated pipeline schedule (timeline, bubbles)
   plan      per-rank memory and per-step communication of a config (no GPU, starts nothing)
+  status    a run's state (SLURM job or local), restarts and last step; a sweep's table
+  cancel    cancel a run's SLURM job (or every job of a sweep)
+  sweep-status  a sweep's summary table: overrides, final losses, tokens/s, status per point
+  report    a run's (or sweep's) summary from metrics.jsonl; --png draws the curves
 
 examples:
   moe-launch train config=tiny                       # the embedded default: CPU, 2 processes
@@ -40,6 +44,8 @@ examples:
   moe-launch train config=my_experiment.yaml model.num_experts=16 --dry-run
   moe-launch export runs/tiny/20261125-094203 --out tiny.safetensors
   moe-launch schedule --schedule dualpipev --pp 4 --microbatches 10
+  moe-launch train config=tiny launcher=slurm launcher.nnodes=2 launcher.partition=gpu
+  moe-launch train config=tiny optim.lr=1e-3,3e-4 model.num_experts=4,8 -m   # a sweep of 4 runs
 
 Run `moe-launch train --help` for the config syntax.
 """
@@ -53,6 +59,12 @@ OVERRIDES       Hydra overrides, applied after the experiment, last one wins:
                   +extra.note=baseline                 add a free-form value
                 Unknown keys, wrong types and impossible values stop the launch with
                 exit code 2 before any process starts.
+-m              a sweep (Hydra multirun): optim.lr=1e-3,3e-4 model.num_experts=4,8 runs the
+                cross product; range(1,4), choice(a,b) work as in Hydra. Local points run
+                launcher.parallel_runs at a time; with launcher=slurm each is its own job.
+launcher=slurm  submit an sbatch job: launcher.nnodes, .nproc_per_node, .partition, .account,
+                .qos, .time, .constraint, .exclusive, .mem, .job_name, .gpus_per_node,
+                .cpus_per_task, .min_nodes (elastic), .signal_lead_s, .extra_directives=[...]
 
 The resolved config is written to RUN_DIR/config.yaml (default runs/EXPERIMENT/TIMESTAMP,
 or run_dir=PATH; relative paths start at the project directory) and every rank reads that
@@ -70,6 +82,7 @@ examples:
   moe-launch train config=tiny
   moe-launch train config=tiny launcher.nproc_per_node=1 train.steps=20 data=synthetic
   moe-launch train config=tiny --dry-run
+  moe-launch train config=tiny launcher=slurm launcher.nnodes=16 --dry-run   # prints the sbatch script
 """
 
 
@@ -83,9 +96,10 @@ def _parser() -> argparse.ArgumentParser:
         help="train a model",
         description=TRAIN_HELP.format(experiments=", ".join(available_experiments())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="moe-launch train [config=NAME|PATH] [OVERRIDES ...] [--dry-run]",
+        usage="moe-launch train [config=NAME|PATH] [OVERRIDES ...] [--dry-run] [-m]",
     )
     train.add_argument("--dry-run", action="store_true", help="print the torchrun command and config, start nothing")
+    train.add_argument("-m", "--multirun", action="store_true", help="run every point of the swept overrides")
     train.add_argument("overrides", nargs="*", metavar="OVERRIDES", help=argparse.SUPPRESS)
     export = sub.add_parser(
         "export",
@@ -107,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         usage="moe-launch plan [config=NAME|PATH] [OVERRIDES ...]",
     )
     plan.add_argument("overrides", nargs="*", metavar="OVERRIDES", help=argparse.SUPPRESS)
+    run_commands.add_parsers(sub)
     return parser
 
 
@@ -120,22 +135,23 @@ def _split_config(overrides: list[str]) -> tuple[str, list[str]]:
     return config, rest
 
 
-def train(overrides: list[str], dry_run: bool) -> int:
+def train(overrides: list[str], dry_run: bool, multirun: bool = False) -> int:
     config, overrides = _split_config(overrides)
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"{ov}: not an override; expected KEY=VALUE (e.g. optim.lr=3e-4)")
+    if multirun:
+        return run_commands.sweep(config, overrides, dry_run)
     cfg = compose_config(config, overrides)
     fresh_run_dir = finalize_paths(cfg)
     check_run_dir(cfg)
     validate(cfg)
     plan = plan_resume(cfg, fresh_run_dir)  # before anything is written: a refusal leaves the run as it was
-    launcher = LocalLauncher()
+    launcher = run_commands.launcher_for(cfg)
     if dry_run:
         for note in plan.notes:
             print(note, file=sys.stderr)
-        env = [f"{k}={v}" for k, v in launcher.environment(cfg).items()]
-        print(shlex.join(["env", *env, *launcher.command(cfg, resolved_config_path(cfg))]))
+        print(launcher.preview(cfg, resolved_config_path(cfg)))
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
     claim_run_dir(cfg, fresh_run_dir)
@@ -144,12 +160,21 @@ def train(overrides: list[str], dry_run: bool) -> int:
         if plan.overwrite:
             removed = clear_previous_run(cfg)
             print(f"moe-launch: resume=overwrite: deleted the previous run's {', '.join(removed)}", flush=True)
-        cfg.resume = "never"  # the ranks start from scratch in a directory that has no checkpoints now
+    if cfg.resume in ("never", "overwrite"):
+        # The run dir holds no checkpoint now (never is refused where one exists, overwrite
+        # deleted them), so the ranks start from scratch with `auto` too; and a restarted
+        # torchrun round or a requeued SLURM job then resumes from this run's own checkpoints.
+        cfg.resume = "auto"
     for note in plan.notes:
         print(note, flush=True)
     config_path = write_resolved_config(cfg)
     command = launcher.command(cfg, config_path)
-    return launcher.launch(cfg, command)
+    if isinstance(launcher, SlurmLauncher):
+        return launcher.launch(cfg, command)
+    launch_log.record(cfg.run_dir, "start")
+    code = launcher.launch(cfg, command)
+    launch_log.record(cfg.run_dir, "exit", code)
+    return code
 
 
 def export_weights(run_dir: str, out: str, step: int | None) -> int:
@@ -207,8 +232,12 @@ def _main(argv: list[str] | None) -> int:
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return export_weights(args.run_dir, args.out, args.step)
+    if args.command in run_commands.COMMANDS:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return run_commands.dispatch(args)
     try:
-        return train(args.overrides + unknown, args.dry_run)
+        return train(args.overrides + unknown, args.dry_run, args.multirun)
     except ConfigError as err:
         print(f"moe-launch: error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE

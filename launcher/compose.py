@@ -12,8 +12,10 @@ from pathlib import Path
 
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -91,12 +93,23 @@ def _experiment_override(config: str, tmp: Path) -> tuple[list[str], str]:
     return [f"+experiment={config}"], config
 
 
+def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
+    """Hydra's multirun expansion (a,b / range() / choice() / glob()): one override list per
+    point of the cross product, and the keys that vary (what a sweep's summary shows)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        points = [point for batch in BasicSweeper.split_arguments(parsed, None) for point in batch]
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+    return points, [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
 def compose_config(config: str, overrides: list[str]) -> DictConfig:
     """Compose the primary config, the experiment, then the user's overrides (last wins)."""
-    for ov in overrides:
-        key, _, value = ov.partition("=")
-        if "," in value and not value.strip().startswith(("[", "{", "'", '"')):
-            raise ConfigError(f"{ov}: sweeps (comma-separated values) are not supported yet; give one value")
+    _, swept = expand_sweep(overrides)
+    if swept:
+        sweep = next(ov for ov in overrides if ov.split("=", 1)[0].lstrip("+~") in swept)
+        raise ConfigError(f"{sweep}: a sweep (several values); add -m to run every point, or give one value")
     _register_schema()
     tmp = Path(tempfile.mkdtemp(prefix="moe-launch-"))
     try:

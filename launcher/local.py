@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -48,6 +49,11 @@ class LocalLauncher:
         # torchrun's grace between passing a SIGTERM on and killing the ranks
         return {**TORCHRUN_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.launcher.stop_timeout_s)}
 
+    def preview(self, cfg: DictConfig, config_path: Path) -> str:
+        """What --dry-run prints before the config: the command line with its environment."""
+        env = [f"{k}={v}" for k, v in self.environment(cfg).items()]
+        return shlex.join(["env", *env, *self.command(cfg, config_path)])
+
     def launch(self, cfg: DictConfig, command: list[str]) -> int:
         """Run torchrun in the foreground. SIGTERM/SIGUSR1 (what SLURM sends before
         preemption), Ctrl-C and a hang-up become one SIGTERM to torchrun, which passes it to
@@ -80,7 +86,12 @@ class LocalLauncher:
         previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}  # before the start: no gap
         try:
             started.append(
-                subprocess.Popen(command, env={**os.environ, **self.environment(cfg)}, start_new_session=True)
+                subprocess.Popen(
+                    command,
+                    env={**os.environ, **self.environment(cfg)},
+                    start_new_session=True,
+                    preexec_fn=ignore_sigusr1,
+                )
             )
             forward_once()
             code = started[0].wait()
@@ -100,3 +111,10 @@ class LocalLauncher:
             flush=True,
         )
         return code if code not in (0, REQUEUE_EXIT_CODE, INTERRUPTED_EXIT_CODE) else 1
+
+
+def ignore_sigusr1() -> None:
+    """In torchrun's process before exec: SLURM signals every process of a job step, and
+    torchrun has no SIGUSR1 handler, so the default action would kill it and orphan the ranks
+    while they save. Ignored is inherited; the ranks install their own handler."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)

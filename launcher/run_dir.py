@@ -93,7 +93,7 @@ def clear_previous_run(cfg: DictConfig) -> list[str]:
     so nothing of it mixes with the new run. -> what was removed (names)."""
     run_dir = Path(cfg.run_dir)
     removed = []
-    for name in (CHECKPOINTS_DIR, METRICS_FILE):
+    for name in (CHECKPOINTS_DIR, METRICS_FILE, "launches.jsonl", "slurm_job.json"):
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)

@@ -6,10 +6,12 @@ The schema already caught unknown keys and wrong types; this catches impossible 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import netrc
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,7 +30,7 @@ PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
 DATA_SOURCES = ("file", "synthetic")
-LAUNCHERS = ("local",)
+LAUNCHERS = ("local", "slurm")
 WANDB_MODES = ("disabled", "offline", "online")
 ON_NAN = ("stop", "skip")
 RESUME_MODES = ("auto", "never", "overwrite")
@@ -201,8 +203,19 @@ def validate_launcher(cfg: DictConfig, on_this_machine: bool = True) -> None:
     _one_of("launcher.name", launch.name, LAUNCHERS)
     _positive(launch, "launcher", "nproc_per_node", "nnodes", "stop_timeout_s", "gpu_memory_gb")
     _non_negative(launch, "launcher", "max_restarts")
+    _positive(launch, "launcher", "parallel_runs")
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
-    if not on_this_machine:  # `moe-launch plan` describes the target cluster, not this machine
+    if on_this_machine:  # `moe-launch plan` describes the target cluster, not this machine
+        _require(
+            cfg.logging.wandb.mode != "online" or wandb_api_key_available(),
+            "logging.wandb.mode",
+            "online",
+            "no W&B API key found (WANDB_API_KEY, or `wandb login` for ~/.netrc); allowed without a key: offline, "
+            "disabled",
+        )
+    if launch.name == "slurm":
+        validate_slurm(cfg)
+    if not on_this_machine or launch.name == "slurm":
         return
     _require(
         launch.nnodes == 1, "launcher.nnodes", launch.nnodes, "the local launcher runs on this one node; allowed: 1"
@@ -215,12 +228,6 @@ def validate_launcher(cfg: DictConfig, on_this_machine: bool = True) -> None:
         "launcher.nproc_per_node",
         launch.nproc_per_node,
         f"allowed: 1..{limit} ({what})",
-    )
-    _require(
-        cfg.logging.wandb.mode != "online" or wandb_api_key_available(),
-        "logging.wandb.mode",
-        "online",
-        "no W&B API key found (WANDB_API_KEY, or `wandb login` for ~/.netrc); allowed without a key: offline, disabled",
     )
 
 
@@ -236,6 +243,56 @@ def wandb_api_key_available() -> bool:
     except (OSError, netrc.NetrcParseError):
         return False
     return bool(entry and entry[2])
+
+
+SLURM_TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|UNLIMITED|INFINITE)$")
+SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+SBATCH_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")  # sbatch reads a backslash as an escape; a newline ends the line
+
+
+def validate_slurm(cfg: DictConfig) -> None:
+    """The sbatch options: values go into #SBATCH lines (quoted), so control characters are refused."""
+    launch = cfg.launcher
+    _non_negative(launch, "launcher", "min_nodes", "gpus_per_node", "cpus_per_task")
+    _require(
+        launch.min_nodes <= launch.nnodes,
+        "launcher.min_nodes",
+        launch.min_nodes,
+        f"allowed: 0 (not elastic) or 1..launcher.nnodes={launch.nnodes}",
+    )
+    _require(
+        not launch.gpus_per_node or launch.nproc_per_node <= launch.gpus_per_node,
+        "launcher.nproc_per_node",
+        launch.nproc_per_node,
+        f"must be <= launcher.gpus_per_node={launch.gpus_per_node} (one rank per GPU; 0 GPUs for CPU nodes)",
+    )
+    _require(
+        launch.stop_timeout_s < launch.signal_lead_s <= 65535,
+        "launcher.signal_lead_s",
+        launch.signal_lead_s,
+        f"must be > launcher.stop_timeout_s={launch.stop_timeout_s} (the ranks' time to save) and <= 65535",
+    )
+    _require(
+        launch.time == "" or bool(SLURM_TIME.match(launch.time)),
+        "launcher.time",
+        launch.time,
+        "allowed: MINUTES, HH:MM:SS, D-HH, D-HH:MM:SS or UNLIMITED",
+    )
+    _require(
+        launch.mem == "" or bool(SLURM_MEM.match(launch.mem)), "launcher.mem", launch.mem, "allowed: e.g. 0, 4000, 480G"
+    )
+    values = {f"launcher.{k}": launch[k] for k in ("job_name", "partition", "account", "qos", "constraint")}
+    values.update({f"launcher.extra_directives[{i}]": d for i, d in enumerate(launch.extra_directives)})
+    values.update({"run_dir": cfg.run_dir, "config": cfg.experiment})
+    for key, value in values.items():
+        _require(not SBATCH_UNSAFE.search(value), key, repr(value), "must not hold control characters or backslashes")
+    for i, directive in enumerate(launch.extra_directives):
+        _require(
+            directive.startswith("-"),
+            f"launcher.extra_directives[{i}]",
+            directive,
+            "must be an sbatch option such as --mail-type=END",
+        )
 
 
 def validate_checkpoint(cfg: DictConfig) -> None:
@@ -259,6 +316,20 @@ def validate_checkpoint(cfg: DictConfig) -> None:
         )
 
 
+def validate_elastic(cfg: DictConfig) -> None:
+    """An elastic SLURM job may run on any node count from min_nodes up: the layout and batch must fit each."""
+    launch = cfg.launcher
+    if launch.name != "slurm" or not launch.min_nodes:
+        return
+    for nodes in range(launch.min_nodes, launch.nnodes):
+        shrunk = copy.deepcopy(cfg)
+        shrunk.launcher.nnodes = nodes
+        try:
+            validate_train(shrunk, validate_layout(shrunk))
+        except ConfigError as err:
+            raise ConfigError(f"{err} (on {nodes} nodes, which launcher.min_nodes={launch.min_nodes} allows)") from None
+
+
 def validate_finite(cfg: DictConfig, prefix: str = "") -> None:
     """inf and nan pass every `> 0` check; no float in the schema may be either."""
     for key, value in cfg.items():
@@ -278,6 +349,7 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> Layout:
     validate_model(cfg.model)
     layout = validate_layout(cfg)
     validate_train(cfg, layout)
+    validate_elastic(cfg)
     validate_data(cfg)
     validate_checkpoint(cfg)
     return layout

@@ -116,8 +116,10 @@ def test_resume_overwrite_deletes_the_previous_run_before_launch(tmp_path, capsy
     out = capsys.readouterr().out
     assert code == 0
     assert "resume=overwrite: deleted the previous run's checkpoints, metrics.jsonl, config.segment-1.yaml" in out
-    assert launched["files"] == ["config.segment-1.yaml", "config.yaml"]  # only the new run's config
-    assert launched["cfg"].resume == "never" and launched["cfg"].model.dim == 64
+    # only the new run's config and its launch record
+    assert launched["files"] == ["config.segment-1.yaml", "config.yaml", "launches.jsonl"]
+    # The ranks get `auto`: nothing to resume now, and a restart resumes this run, not the old one.
+    assert launched["cfg"].resume == "auto" and launched["cfg"].model.dim == 64
 
 
 def test_older_checkpoint_without_config_compares_with_the_run_config(tmp_path, capsys):

@@ -64,7 +64,7 @@ BAD = [
     (["launcher.stop_timeout_s=0"], "launcher.stop_timeout_s=0"),
     (["checkpoint.write_threads=0"], "checkpoint.write_threads=0"),
     (["logging.wandb.mode=cloud"], "allowed: disabled, offline, online"),
-    (["optim.lr=1e-3,3e-4"], "sweeps"),
+    (["optim.lr=1e-3,3e-4"], "optim.lr=1e-3,3e-4: a sweep (several values); add -m"),
     (["data=stdlib", "data.path=/nonexistent/tokens"], "data.path=/nonexistent/tokens"),
     (["data.synthetic_tokens=10"], "data.synthetic_tokens=10"),
     (["config=nope"], "config=nope: unknown experiment"),

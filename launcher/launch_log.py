@@ -1,0 +1,50 @@
+"""The run's launch log, RUN_DIR/launches.jsonl: one line per start and exit of a launch.
+
+The local launcher writes it from Python, a SLURM batch script with printf (same fields); status and report read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from launcher.local import REQUEUE_EXIT_CODE
+
+LAUNCH_LOG = "launches.jsonl"
+
+
+def record(run_dir: str | Path, event: str, code: int = 0) -> None:
+    """Append one event ("start" or "exit"); a local launch has no job id and restart count 0."""
+    line = {"event": event, "job_id": 0, "restart_count": 0, "nodes": 1, "code": code, "time": int(time.time())}
+    line["pid"] = os.getpid()
+    path = Path(run_dir) / LAUNCH_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read(run_dir: str | Path) -> list[dict]:
+    """Every event so far; a line cut short by a crash is skipped."""
+    path = Path(run_dir) / LAUNCH_LOG
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
+def describe_exit(code: int) -> str:
+    """A launch's exit code in words."""
+    if code == 0:
+        return "completed"
+    if code == REQUEUE_EXIT_CODE:
+        return "stopped by a signal after saving a checkpoint (requeue to resume)"
+    if code > 128:
+        return f"killed by signal {code - 128}"
+    return f"failed (exit code {code})"

@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.parallel.harness import make_config
-from tests.parallel.spawn import run_workers
+from scripts.benchlib import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +39,13 @@ def _train_with_a_poisoned_step(rank: int, world: int, cfg_yaml: str) -> dict:
 
 def test_on_nan_stop_ends_the_run_and_saves_nothing(tmp_path):
     cfg = make_config(tmp_path, 2, ["train.on_nan=stop", "train.steps=4"])
-    out = run_workers(_train_with_a_poisoned_step, 2, OmegaConf.to_yaml(cfg))
+    out = run_ranks(_train_with_a_poisoned_step, 2, OmegaConf.to_yaml(cfg))[0]
     assert out["stopped"].startswith("non-finite loss or gradient at step 3")
     assert out["steps"] == 2 and out["checkpoints"] == []
 
 
 def test_on_nan_skip_leaves_weights_finite_and_saves(tmp_path):
     cfg = make_config(tmp_path, 2, ["train.on_nan=skip", "train.steps=4"])
-    out = run_workers(_train_with_a_poisoned_step, 2, OmegaConf.to_yaml(cfg))
+    out = run_ranks(_train_with_a_poisoned_step, 2, OmegaConf.to_yaml(cfg))[0]
     assert out["stopped"] is None and out["steps"] == 4
     assert out["finite"] and out["checkpoints"] == ["step-00000004"]

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
-from framework.distributed import free_port  # noqa: E402
+from scripts.benchlib import print_table, rotated, run_ranks, time_collective  # noqa: E402
 
 MB, GB = 1e6, 1e9
 SYNC_GOAL, ASYNC_GOAL = 0.70, 0.10
@@ -67,38 +65,6 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- worker
-
-
-def _worker(rank: int, world: int, port: int, cfg: dict, out_path: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from framework.distributed import init_distributed
-
-    init_distributed(timeout_s=WORKER_TIMEOUT_S)
-    try:
-        result = _measure(rank, world, cfg)
-        if rank == 0:
-            torch.save(result, out_path)
-    except Exception:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # gloo threads can abort the interpreter at exit (framework.distributed.shutdown)
-
-
-def _timed(fn) -> float:
-    """Rank 0's wall time of a collective region, barriers on both sides."""
-    dist.barrier()
-    t0 = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - t0
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -243,7 +209,7 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
             manager.load(found, model2, opt2)
 
         phases.take()
-        seconds = _timed(do_load)
+        seconds = time_collective(do_load)
         spent = phases.take()
         for n in check_names:
             st = opt2.state[named2[n]]
@@ -273,14 +239,14 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
 
         def timed_phases(key: str, fn) -> float:
             phases.take()
-            seconds = _timed(fn)
+            seconds = time_collective(fn)
             out["phases"][key] = phases.take()
             return seconds
 
         def plain_write() -> None:  # every rank takes the barriers; rank 0 alone writes
             if not plain:  # the warm-up round: the size is not known yet
                 return
-            out["plain"] = _timed(lambda: _plain_write(plain_file, plain_buf) if rank == 0 else None)
+            out["plain"] = time_collective(lambda: _plain_write(plain_file, plain_buf) if rank == 0 else None)
             if rank == 0:
                 plain_file.unlink()
 
@@ -296,14 +262,13 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
             dist.barrier()
 
         steps = [plain_write] + [functools.partial(sync_save, t) for t in THREAD_COUNTS]
-        shift = index % len(steps)
-        for fn in steps[shift:] + steps[:shift]:
+        for fn in rotated(steps, index):
             fn()
 
-        out["compute"] = _timed(fwd_bwd)
+        out["compute"] = time_collective(fwd_bwd)
         out["block_call"] = timed_phases("block", lambda: async_mgr.save(index + 1, model, optimizer, trainer_state))
-        out["overlap_compute"] = _timed(fwd_bwd)
-        out["block_fence"] = _timed(async_mgr.wait_staged)
+        out["overlap_compute"] = time_collective(fwd_bwd)
+        out["block_fence"] = time_collective(async_mgr.wait_staged)
         out["block"] = out["block_call"] + out["block_fence"]
         out["finish"] = timed_phases("finish", async_mgr.wait)
         out["load"], out["phases"]["load"] = load_and_check(async_mgr.root.parent)
@@ -339,23 +304,9 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
 
 
 def run_world(world: int, cfg: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = str(Path(tmp) / "rank0.pt")
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, out_path)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + WORKER_TIMEOUT_S
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.monotonic()))
-        codes = [p.exitcode for p in procs]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        if codes != [0] * world:
-            raise RuntimeError(f"{world} process(es): workers exited with {codes}")
-        return torch.load(out_path, weights_only=True)
+    """-> rank 0's numbers for `world` processes, which share this machine's cores."""
+    threads = max(1, (os.cpu_count() or 1) // world)
+    return run_ranks(_measure, world, cfg, timeout_s=WORKER_TIMEOUT_S, threads=threads)[0]
 
 
 def filesystem_of(path: str) -> str:
@@ -409,29 +360,28 @@ def main() -> int:
     print()
     print("Sync save vs one plain sequential write of the same bytes (the disk's practical limit)")
     print()
-    head = " | ".join(f"sync, {t} writer thread{'s' if t > 1 else ''} s | sync / plain" for t in THREAD_COUNTS)
-    print(f"| processes | state MB | plain write s | plain GB/s | {head} | load s | cold load s |")
-    print("|---:|---:|---:|---:|" + "---:|---:|" * len(THREAD_COUNTS) + "---:|---:|")
+    header = ["processes", "state MB", "plain write s", "plain GB/s"]
+    for t in THREAD_COUNTS:
+        header += [f"sync, {t} writer thread{'s' if t > 1 else ''} s", "sync / plain"]
+    rows = []
     for world, m in med.items():
-        cells = " | ".join(f"{m['sync'][t]:.3f} | {100 * m['sync_vs_plain'][t]:.0f}%" for t in THREAD_COUNTS)
-        print(
-            f"| {world} | {results[world]['state_bytes'] / MB:.1f} | {m['plain']:.3f} | {m['plain_gbs']:.2f} | "
-            f"{cells} | {m['load']:.3f} | {m['cold_load']:.3f} |"
-        )
+        row = [world, f"{results[world]['state_bytes'] / MB:.1f}", f"{m['plain']:.3f}", f"{m['plain_gbs']:.2f}"]
+        for t in THREAD_COUNTS:
+            row += [f"{m['sync'][t]:.3f}", f"{100 * m['sync_vs_plain'][t]:.0f}%"]
+        rows.append(row + [f"{m['load']:.3f}", f"{m['cold_load']:.3f}"])
+    print_table(header + ["load s", "cold load s"], rows)
     print()
     print(f"Async save ({d} writer threads), the manager reused across saves as in a training run")
     print()
-    print(
-        "| processes | first save blocks s | save() s | fence s | blocks s | blocks / sync | fwd+bwd alone s | "
-        "fwd+bwd overlapping s | finish s |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for world, m in med.items():
-        print(
-            f"| {world} | {results[world]['first_block']:.3f} | {m['block_call']:.3f} | {m['block_fence']:.3f} | "
-            f"{m['block']:.3f} | {100 * m['block_vs_sync']:.1f}% | {m['compute']:.3f} | {m['overlap_compute']:.3f} | "
-            f"{m['finish']:.3f} |"
-        )
+    header = ["processes", "first save blocks s", "save() s", "fence s", "blocks s", "blocks / sync"]
+    header += ["fwd+bwd alone s", "fwd+bwd overlapping s", "finish s"]
+    rows = [
+        [world, f"{results[world]['first_block']:.3f}", f"{m['block_call']:.3f}", f"{m['block_fence']:.3f}"]
+        + [f"{m['block']:.3f}", f"{100 * m['block_vs_sync']:.1f}%", f"{m['compute']:.3f}"]
+        + [f"{m['overlap_compute']:.3f}", f"{m['finish']:.3f}"]
+        for world, m in med.items()
+    ]
+    print_table(header, rows)
     print()
     print(
         "- sync save: CheckpointManager.save(async_save=False, write_threads=N) until committed (DCP write with "

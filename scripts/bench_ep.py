@@ -4,26 +4,22 @@ Shows how MoE-layer tokens/s scales with EP, what share of a step the all-to-all
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from framework.distributed import free_port  # noqa: E402
 from parallel.memory import local_bytes  # noqa: E402
+from scripts.benchlib import print_table, run_ranks, time_collective  # noqa: E402
 
 INIT_STD = 0.02
 MIB = 1024 * 1024
@@ -147,25 +143,8 @@ def _local_tokens(cfg: dict, rank: int, world: int) -> torch.Tensor:
     return torch.cat(parts).unsqueeze(0)  # [1, T_local, D]
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict, out_path: str) -> None:
-    torch.set_num_threads(1)  # up to 4 ranks share 2 cores: one compute thread each
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
-    code = 0
-    try:
-        _measure(rank, world, cfg, out_path)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        traceback.print_exc()
-        code = 1
-    # gloo threads can abort the interpreter at exit (see framework/distributed.py shutdown())
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _measure(rank: int, world: int, cfg: dict, out_path: str) -> None:
+def _measure(rank: int, world: int, cfg: dict) -> dict:
+    """One EP size on one rank (world = EP); -> this rank's timings, memory and error."""
     from framework.model.args import ModelArgs
     from framework.model.moe.layer import MoE
     from parallel.expert_parallel import apply_expert_parallel
@@ -204,12 +183,8 @@ def _measure(rank: int, world: int, cfg: dict, out_path: str) -> None:
 
     steps, a2a, fwd, bwd, counts = [], [], [], [], []
     for i in range(cfg["warmup"] + cfg["reps"]):
-        dist.barrier()
         timer.reset()
-        t0 = time.perf_counter()
-        step()
-        dist.barrier()
-        dt = time.perf_counter() - t0
+        dt = time_collective(step)
         if i >= cfg["warmup"]:
             steps.append(dt)
             a2a.append(timer.total)
@@ -226,7 +201,7 @@ def _measure(rank: int, world: int, cfg: dict, out_path: str) -> None:
     with torch.no_grad():
         max_err = (moe(x_check)[0] - ref_check).abs().max().item()
 
-    mine = {
+    return {
         "steps": steps,
         "share": statistics.median(a / s for a, s in zip(a2a, steps, strict=True)),
         "a2a_ms": 1e3 * statistics.median(a2a),
@@ -241,20 +216,14 @@ def _measure(rank: int, world: int, cfg: dict, out_path: str) -> None:
         "rows": rows_per_step,
         "max_err": max_err,
     }
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    if rank == 0:
-        torch.save(gathered, out_path)
 
 
 # ----------------------------------------------------------------------------- parent
 
 
 def run_ep(ep: int, cfg: dict) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "rank0.pt")
-        mp.start_processes(_worker, args=(ep, free_port(), cfg, out_path), nprocs=ep, join=True, start_method="spawn")
-        return torch.load(out_path, weights_only=True)
+    """-> every rank's numbers; one compute thread per rank (up to 4 ranks share 2 cores)."""
+    return run_ranks(_measure, ep, cfg, timeout_s=300, threads=1)
 
 
 def main() -> int:
@@ -304,17 +273,16 @@ def main() -> int:
         f"ranks > cores is oversubscribed, so read the scaling shape and the all-to-all share, not absolute numbers"
     )
     print()
-    print(
-        f"| EP | ranks | tokens/s (global) | vs EP={base} | all-to-all share | "
-        "params+grads MiB per rank | peak RSS MiB per rank |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    header = ["EP", "ranks", "tokens/s (global)", f"vs EP={base}", "all-to-all share"]
+    header += ["params+grads MiB per rank", "peak RSS MiB per rank"]
+    rows = []
     for ep, s in summary.items():
         tps = args.tokens / s["step"]
-        print(
-            f"| {ep} | {ep} | {tps:,.0f} | {tps / base_tps:.2f}x | {100 * s['share']:.1f}% | "
-            f"{s['param_grad_mib']:.2f} | {s['peak_rss_mib']:.0f} |"
+        rows.append(
+            [ep, ep, f"{tps:,.0f}", f"{tps / base_tps:.2f}x", f"{100 * s['share']:.1f}%"]
+            + [f"{s['param_grad_mib']:.2f}", f"{s['peak_rss_mib']:.0f}"]
         )
+    print_table(header, rows)
     print()
     for ep, s in summary.items():
         print(

@@ -6,11 +6,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,11 +18,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import framework.model.moe.experts as experts_mod  # noqa: E402
+from framework.distributed import free_port  # noqa: E402
 from framework.model.args import ModelArgs  # noqa: E402
 from framework.model.ffn import SwiGLU  # noqa: E402
 from framework.model.moe.grouped_gemm import grouped_mm, grouped_mm_supported, looped_mm  # noqa: E402
 from framework.model.moe.layer import MoE  # noqa: E402
 from framework.model.moe.router import Router  # noqa: E402
+from scripts.benchlib import print_table, time_side_by_side  # noqa: E402
 
 INIT_STD = 0.02
 
@@ -128,12 +128,6 @@ def quiet_fds() -> Iterator[None]:
             os.close(saved[1])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_deepspeed(ours: MoE, D: int, H: int, E: int, K: int):
     """DeepSpeed's MoE (ep_size=1, dropless) with our SwiGLU as the expert and our weights copied in.
     DeepSpeed needs torch.distributed + its comm backend + its expert groups even for one process."""
@@ -178,22 +172,6 @@ def deepspeed_route_stats(ds, x_BSD: torch.Tensor) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def time_side_by_side(fns: dict[str, Callable[[], None]], warmup: int, reps: int) -> dict[str, list[float]]:
-    """Warm every variant up, then interleave the timed repetitions (variant order rotates each
-    round) so machine noise and drift hit all variants alike. -> seconds per repetition."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return times
 
 
 def fwd_bwd_step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
@@ -338,27 +316,22 @@ def main() -> int:
     print()
     layer_flops = 18 * N * D * H  # routed-expert FLOPs a dropless layer must do (fwd+bwd)
     ours_ms = med_ms(layer_t["ours (grouped GEMM, dropless)"])
-    print("| variant | fwd+bwd ms (median) | min ms | tokens/s | expert GFLOP/s | tokens/s vs ours |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, ts in layer_t.items():
-        ms = med_ms(ts)
-        print(
-            f"| {name} | {ms:.1f} | {min(ts) * 1e3:.1f} | {T / (ms / 1e3):,.0f} | "
-            f"{layer_flops / (ms / 1e3) / 1e9:.1f} | {ours_ms / ms:.2f}x |"
-        )
+    rows = [
+        [name, f"{med_ms(ts):.1f}", f"{min(ts) * 1e3:.1f}", f"{T / (med_ms(ts) / 1e3):,.0f}"]
+        + [f"{layer_flops / (med_ms(ts) / 1e3) / 1e9:.1f}", f"{ours_ms / med_ms(ts):.2f}x"]
+        for name, ts in layer_t.items()
+    ]
+    header = ["variant", "fwd+bwd ms (median)", "min ms", "tokens/s", "expert GFLOP/s", "tokens/s vs ours"]
+    print_table(header, rows, left=1)
     print()
     dense_ms = med_ms(gemm_t["dense: one matmul [N,D]@[D,3H] (reference)"])
-    print(
-        f"| expert GEMMs, fwd+bwd, N=T*K={N} rows, {gemm_flops / 1e9:.2f} GFLOP "
-        "| ms (median) | min ms | GFLOP/s | % of dense |"
-    )
-    print("|---|---:|---:|---:|---:|")
-    for name, ts in gemm_t.items():
-        ms = med_ms(ts)
-        print(
-            f"| {name} | {ms:.1f} | {min(ts) * 1e3:.1f} | {gemm_flops / (ms / 1e3) / 1e9:.1f} "
-            f"| {100 * dense_ms / ms:.0f}% |"
-        )
+    rows = [
+        [name, f"{med_ms(ts):.1f}", f"{min(ts) * 1e3:.1f}", f"{gemm_flops / (med_ms(ts) / 1e3) / 1e9:.1f}"]
+        + [f"{100 * dense_ms / med_ms(ts):.0f}%"]
+        for name, ts in gemm_t.items()
+    ]
+    header = [f"expert GEMMs, fwd+bwd, N=T*K={N} rows, {gemm_flops / 1e9:.2f} GFLOP", "ms (median)", "min ms"]
+    print_table(header + ["GFLOP/s", "% of dense"], rows, left=1)
     print()
 
     counts = tokens_per_expert.tolist()

@@ -4,7 +4,7 @@ keeps an in-place update out of the checkpoint being written."""
 import pytest
 import torch
 
-from tests.parallel.spawn import run_workers
+from scripts.benchlib import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +33,6 @@ def _save_then_update(rank: int, world: int, run_dir: str) -> dict:
 
 
 def test_update_after_wait_staged_stays_out_of_the_checkpoint(tmp_path):
-    out = run_workers(_save_then_update, 1, str(tmp_path))
+    out = run_ranks(_save_then_update, 1, str(tmp_path))[0]
     assert out["step"] == 1
     assert out["equal"], "the checkpoint holds weights changed after save()"

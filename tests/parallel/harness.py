@@ -9,7 +9,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from framework.config import Config
-from tests.parallel.spawn import run_workers
+from scripts.benchlib import run_ranks
 
 # A model small enough for 8 processes on 2 cores, with every feature switched on:
 # dense + MoE blocks, shared experts, group-limited routing, aux loss, MTP, GQA.
@@ -56,7 +56,7 @@ def _train(rank: int, world: int, cfg_yaml: str, steps: int) -> dict:
 def run_layout(tmp_path: Path, world: int, overrides: list[str], steps: int = 5) -> dict:
     """Train `steps` steps on `world` processes; -> losses, loads, full weights, biases."""
     cfg = make_config(tmp_path / "run", world, overrides)
-    return run_workers(_train, world, OmegaConf.to_yaml(cfg), steps)
+    return run_ranks(_train, world, OmegaConf.to_yaml(cfg), steps)[0]
 
 
 def _train_segment(rank: int, world: int, cfg_yaml: str, stop_at: int, save_at: tuple[int, ...]) -> dict:
@@ -84,4 +84,4 @@ def _train_segment(rank: int, world: int, cfg_yaml: str, stop_at: int, save_at: 
 def train_segment(run_dir: Path, world: int, overrides: list[str], stop_at: int, save_at: tuple[int, ...] = ()) -> dict:
     """One launch of the real Trainer on `world` ranks over a shared run dir (resumes)."""
     cfg = make_config(run_dir, world, overrides)
-    return run_workers(_train_segment, world, OmegaConf.to_yaml(cfg), stop_at, save_at)
+    return run_ranks(_train_segment, world, OmegaConf.to_yaml(cfg), stop_at, save_at)[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.parallel.spawn import run_workers
+from scripts.benchlib import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def _identity_round_trip(rank: int, world: int) -> dict:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_dispatch_combine_identity_round_trip_is_exact(world):
-    result = run_workers(_identity_round_trip, world)
+    result = run_ranks(_identity_round_trip, world)[0]
     assert result == {"exact": True, "per_local_expert": True}
 
 
@@ -85,7 +85,7 @@ def _layer_matches_full_layer(rank: int, world: int) -> dict:
 
 
 def test_expert_parallel_layer_matches_full_layer():
-    assert run_workers(_layer_matches_full_layer, 2) == {"out": True, "grad": True}
+    assert run_ranks(_layer_matches_full_layer, 2)[0] == {"out": True, "grad": True}
 
 
 def _node_limited(rank: int, world: int) -> dict:
@@ -106,4 +106,4 @@ def _node_limited(rank: int, world: int) -> dict:
 
 
 def test_node_limited_routing_keeps_each_token_on_one_node_and_counts_crossings():
-    assert run_workers(_node_limited, 4) == {"one_node_per_token": True, "counted": True, "some_cross": True}
+    assert run_ranks(_node_limited, 4)[0] == {"one_node_per_token": True, "counted": True, "some_cross": True}

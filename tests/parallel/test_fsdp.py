@@ -4,8 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from scripts.benchlib import run_ranks
 from tests.parallel.harness import make_config
-from tests.parallel.spawn import run_workers
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def _bf16_training(rank: int, world: int, cfg_yaml: str) -> dict:
 
 def test_bf16_compute_with_fp32_master_weights_trains(tmp_path):
     cfg = make_config(tmp_path, 2, ["parallel.ep=2", "train.precision=bf16", "model.dim=64", "model.expert_dim=32"])
-    result = run_workers(_bf16_training, 2, OmegaConf.to_yaml(cfg))
+    result = run_ranks(_bf16_training, 2, OmegaConf.to_yaml(cfg))[0]
     assert result["compute"] == {
         "block": "torch.bfloat16",
         "experts": "torch.bfloat16",

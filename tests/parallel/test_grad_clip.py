@@ -1,0 +1,84 @@
+"""Gradient clipping: the norm over dense and expert grads is the one global L2 norm, whether
+the grads are plain tensors or DTensor shards on two different meshes."""
+
+import pytest
+import torch
+from torch import nn
+
+from parallel.grad_clip import clip_grad_norm
+from scripts.benchlib import run_ranks
+
+CPU = torch.device("cpu")
+
+
+def _params(*shapes: tuple[int, ...], seed: int) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    return params
+
+
+def _norm(params: list[nn.Parameter]) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in params]).norm()
+
+
+def test_norm_is_the_l2_norm_of_all_grads_and_clipping_scales_to_max_norm():
+    dense, experts = _params((4, 3), (5,), seed=0), _params((2, 3, 4), seed=1)
+    before = _norm(dense + experts)
+    grads = [p.grad.clone() for p in dense + experts]
+    norm = clip_grad_norm(dense, experts, max_norm=1.0, device=CPU)
+    torch.testing.assert_close(norm, before)  # the norm before clipping
+    assert before > 1.0
+    torch.testing.assert_close(_norm(dense + experts), torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+    for p, g in zip(dense + experts, grads, strict=True):  # one factor for every grad: directions kept
+        torch.testing.assert_close(p.grad, g * (1.0 / (before + 1e-6)))
+
+
+@pytest.mark.parametrize("max_norm", [0.0, float("inf"), 1e6])
+def test_no_clipping_when_disabled_or_under_the_limit(max_norm):
+    dense, experts = _params((4, 3), seed=0), _params((2, 3, 4), seed=1)
+    grads = [p.grad.clone() for p in dense + experts]
+    clip_grad_norm(dense, experts, max_norm=max_norm, device=CPU)
+    assert all(torch.equal(p.grad, g) for p, g in zip(dense + experts, grads, strict=True))
+
+
+def test_missing_grads_and_empty_groups_count_as_zero():
+    dense, experts = _params((4, 3), seed=0), _params((2, 3), seed=1)
+    experts[0].grad = None
+    torch.testing.assert_close(clip_grad_norm(dense, experts, 0.0, CPU), _norm(dense))
+    torch.testing.assert_close(clip_grad_norm([], [], 0.0, CPU), torch.tensor(0.0))
+
+
+def _sharded_clip(rank: int, world: int) -> dict:
+    """Dense grads sharded HSDP-style over the (dp_replicate, dp_shard) mesh, expert grads
+    over the EP mesh: the global norm must equal the norm of the full grads on one process."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from parallel.layout import resolve_layout
+    from parallel.mesh import build_expert_mesh, build_mesh, dp_mesh
+
+    layout = resolve_layout(world, 1, "auto", -1, world)
+    dense_mesh, ep_mesh = dp_mesh(build_mesh(layout, CPU)), build_expert_mesh(layout, CPU)["ep"]
+    full_dense, full_experts = _params((8, 3), (4,), seed=0), _params((4, 3, 5), seed=1)  # same on every rank
+
+    def shard(full: nn.Parameter, mesh, placements) -> nn.Parameter:
+        local = full.grad.chunk(world, dim=0)[rank].clone()
+        p = nn.Parameter(DTensor.from_local(torch.zeros_like(local), mesh, placements, run_check=False))
+        p.grad = DTensor.from_local(local, mesh, placements, run_check=False)
+        return p
+
+    dense = [shard(p, dense_mesh, [Replicate(), Shard(0)]) for p in full_dense]
+    experts = [shard(p, ep_mesh, [Shard(0)]) for p in full_experts]
+    norm = clip_grad_norm(dense, experts, max_norm=2.0, device=CPU)
+    clipped = torch.cat([p.grad.full_tensor().flatten() for p in dense + experts])
+    return {"norm": norm, "reference": _norm(full_dense + full_experts), "clipped_norm": clipped.norm()}
+
+
+@pytest.mark.slow
+def test_global_norm_over_sharded_grads_on_two_meshes_equals_the_single_process_norm():
+    out = run_ranks(_sharded_clip, 2)
+    for rank in out:  # every rank computes the same norm and clips by the same factor
+        torch.testing.assert_close(rank["norm"], rank["reference"])
+        assert rank["reference"] > 2.0
+        torch.testing.assert_close(rank["clipped_norm"], torch.tensor(2.0), rtol=1e-5, atol=1e-5)

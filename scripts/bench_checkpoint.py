@@ -148,6 +148,7 @@ def _evict(path: Path) -> None:
 
 def _measure(rank: int, world: int, cfg: dict) -> dict:
     from checkpoint.manager import CheckpointManager
+    from framework.loss import TrainingLoss
     from framework.model.args import ModelArgs
     from framework.model.transformer import MoETransformer
     from framework.optim import build_optimizer
@@ -174,7 +175,9 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
     model, optimizer = build(0)
     gen = torch.Generator().manual_seed(1000 + rank)
     tokens = torch.randint(0, args.vocab_size, (cfg["batch"], args.seq_len + 1), generator=gen)
-    model(tokens).loss.backward()  # one step, so AdamW's exp_avg / exp_avg_sq exist
+    TrainingLoss(args.mtp_weight)(
+        model(tokens[:, :-1]), tokens[:, 1:]
+    ).backward()  # one step, so AdamW's exp_avg / exp_avg_sq exist
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -222,7 +225,7 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
     def fwd_bwd() -> None:
         """The part of a training step that may overlap an async save's copy (no optimizer
         step: the weights must stay as saved for the load check)."""
-        model(tokens).loss.backward()
+        TrainingLoss(args.mtp_weight)(model(tokens[:, :-1]), tokens[:, 1:]).backward()
         optimizer.zero_grad(set_to_none=True)
 
     # One async manager for the whole benchmark, as in a training run: its stager allocates

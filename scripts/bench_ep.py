@@ -165,7 +165,7 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
     x_local = _local_tokens(cfg, rank, world)
     x_check = x_local[:, :256]
     with torch.no_grad():
-        ref_check = moe(x_check)[0]  # full layer, local dispatch: the reference for the EP output
+        ref_check = moe(x_check)  # full layer, local dispatch: the reference for the EP output
 
     layout = resolve_layout(world, 1, "auto", -1, world)
     expert_mesh = build_expert_mesh(layout, torch.device("cpu"))
@@ -178,7 +178,7 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
         for p in moe.parameters():
             p.grad = None
         x = x_local.detach().requires_grad_()
-        out, _ = moe(x)
+        out = moe(x)
         out.square().mean().backward()
 
     steps, a2a, fwd, bwd, counts = [], [], [], [], []
@@ -199,7 +199,7 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     rows_per_step = rows[-1]
     with torch.no_grad():
-        max_err = (moe(x_check)[0] - ref_check).abs().max().item()
+        max_err = (moe(x_check) - ref_check).abs().max().item()
 
     return {
         "steps": steps,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from checkpoint.commit import CHECKPOINTS_DIR, check_complete, read_checkpoint_config, step_dir_name
-from tests.parallel.spawn import run_workers
+from scripts.benchlib import run_ranks
 
 LAUNCHED = "experiment: launched\noptim:\n  lr: 0.001\n"
 
@@ -25,7 +25,7 @@ def _save_after_config_rewritten(rank: int, world: int, run_dir: str) -> bool:
 @pytest.mark.slow
 def test_checkpoint_holds_the_config_its_segment_was_launched_with(tmp_path):
     (tmp_path / "config.yaml").write_text(LAUNCHED)
-    run_workers(_save_after_config_rewritten, 1, str(tmp_path))
+    run_ranks(_save_after_config_rewritten, 1, str(tmp_path))[0]
     ckpt = tmp_path / CHECKPOINTS_DIR / step_dir_name(3)
     assert check_complete(ckpt) is None
     assert read_checkpoint_config(ckpt) == LAUNCHED

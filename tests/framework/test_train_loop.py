@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from scripts.benchlib import run_ranks
 from tests.parallel.harness import make_config
-from tests.parallel.spawn import run_workers
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_a_skipped_first_step_keeps_the_log_finite_and_reports_memory(tmp_path):
     """Defect: the skipped step's NaN went into the logging window (the whole window read NaN),
     and a skipped first step left the memory report None, which then raised."""
     cfg = make_config(tmp_path, 2, ["train.on_nan=skip", "train.steps=4", "train.log_every=2", "train.eval_every=4"])
-    assert run_workers(_skip_first_step_and_run, 2, OmegaConf.to_yaml(cfg)) == 0
+    assert run_ranks(_skip_first_step_and_run, 2, OmegaConf.to_yaml(cfg))[0] == 0
     records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r for r in records if "loss" in r}
     assert sorted(logged) == [2, 4]
@@ -76,5 +76,5 @@ def test_a_nan_stop_commits_the_async_save_in_flight(tmp_path):
         2,
         ["train.on_nan=stop", "train.steps=4", "checkpoint.interval=1", "checkpoint.async=true", "train.log_every=1"],
     )
-    out = run_workers(_async_save_then_nan_stop, 2, OmegaConf.to_yaml(cfg))
+    out = run_ranks(_async_save_then_nan_stop, 2, OmegaConf.to_yaml(cfg))[0]
     assert out == {"code": 3, "step1_problem": None}

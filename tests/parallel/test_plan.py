@@ -14,8 +14,8 @@ from framework.model.args import ModelArgs
 from framework.model.transformer import MoETransformer
 from parallel.layout import resolve_layout
 from parallel.plan import activation_bytes, chunk_rows, logits_bytes, model_buffers, model_params, plan
+from scripts.benchlib import run_ranks
 from tests.parallel.harness import make_config
-from tests.parallel.spawn import run_workers
 
 MODEL_VARIANTS = {
     "tiny": ("tiny", {}),
@@ -184,7 +184,7 @@ LAYOUTS = {
 def test_memory_estimate_within_10_percent_of_measured(name, tmp_path):
     world, overrides = LAYOUTS[name]
     cfg = one_step_config(tmp_path, world, overrides)
-    result = run_workers(_train_one_step, world, OmegaConf.to_yaml(cfg))
+    result = run_ranks(_train_one_step, world, OmegaConf.to_yaml(cfg))[0]
     estimate = estimate_for(cfg, world)
     for rank, measured in enumerate(result["memory"]):
         mine = estimate.ranks[rank]

@@ -5,8 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from scripts.benchlib import run_ranks
 from tests.parallel.harness import make_config
-from tests.parallel.spawn import run_workers
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def _plain_weights(cfg) -> dict:
 )
 def test_sharded_init_equals_plain_init(tmp_path, world, overrides):
     cfg = make_config(tmp_path, world, overrides + ["train.seed=7"])
-    got = run_workers(_built_weights, world, OmegaConf.to_yaml(cfg))
+    got = run_ranks(_built_weights, world, OmegaConf.to_yaml(cfg))[0]
     ref = _plain_weights(cfg)
     assert got["state"].keys() == ref.keys()
     for key, value in ref.items():

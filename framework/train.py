@@ -31,6 +31,9 @@ from parallel.grad_clip import clip_grad_norm
 from parallel.layout import resolve_layout
 from parallel.memory import memory_report, setup_memory
 from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_mesh, dp_rank_and_size, expert_dp_mesh
+from parallel.pipeline import build_schedule, model_pieces, mtp_needs_embedding, plan_stages
+from parallel.pipeline.runtime import PipelineRuntime
+from parallel.pipeline.stage import fsdp_units, keep_pieces, rank_stage_pieces
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run me again
 NON_FINITE_EXIT_CODE = 3
@@ -63,6 +66,15 @@ class Trainer:
         with torch.device("meta"):
             self.model = MoETransformer(ModelArgs.from_config(cfg.model))
         self.n_params = sum(p.numel() for p in self.model.parameters())  # before EP splits experts
+        if p.pp > 1:  # keep this rank's pipeline stages only (same parameter names), before sharding
+            plan = plan_stages(model_pieces(cfg.model), p.pp_schedule, p.pp)
+            if mtp_needs_embedding(plan):
+                raise ValueError(
+                    f"model.mtp_depth={cfg.model.mtp_depth} with parallel.pp_schedule={p.pp_schedule}: the MTP "
+                    "modules need the embedding on their stage; allowed: mtp_depth=0, or pp_schedule=dualpipev"
+                )
+            self.stage_pieces = rank_stage_pieces(plan, self.mesh.get_local_rank("pp"))
+            keep_pieces(self.model, frozenset().union(*self.stage_pieces.values()))
         ep_per_node = p.ep_per_node or cfg.launcher.nproc_per_node
         apply_expert_parallel(self.model, self.expert_mesh, ep_per_node)
         apply_fsdp(self.model, dp_mesh(self.mesh), expert_dp_mesh(self.expert_mesh), cfg.train.precision)
@@ -74,6 +86,7 @@ class Trainer:
         # The pipeline-ready view: a list of the model chunks this rank runs (one when pp=1).
         self.model_parts = [self.model]
         self.loss_fn = TrainingLoss(cfg.model.mtp_weight)
+        self.pipeline = self._build_pipeline() if p.pp > 1 else None
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.load_balancer = ExpertLoadBalancer(self.model.moe_layers(), cfg.model.bias_update_speed, self.groups.dp)
@@ -101,6 +114,19 @@ class Trainer:
             wandb_run_id = state.get("wandb_run_id")
         self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=wandb_run_id)
 
+    def _build_pipeline(self) -> PipelineRuntime:
+        """This rank's schedule executor; its stages run the one pruned model, piece by piece."""
+        t = self.cfg.train
+        microbatches = t.global_batch_size // self.dp_size // t.micro_batch_size
+        schedule = build_schedule(self.cfg.parallel.pp_schedule, self.layout.pp, microbatches)
+
+        def run_stage(stage: int, tokens_BS: torch.Tensor, h_BSD: torch.Tensor | None):
+            return self.model(tokens_BS, h_BSD, self.stage_pieces[stage])
+
+        units = {s: fsdp_units(self.model, pieces) for s, pieces in self.stage_pieces.items()}
+        pp_rank = self.mesh.get_local_rank("pp")
+        return PipelineRuntime(schedule, pp_rank, self.groups.pp, run_stage, self.loss_fn, self.cfg.model.dim, units)
+
     @property
     def last_loads(self) -> torch.Tensor:
         """[MoE layers, experts] tokens routed in the last optimizer step, all ranks."""
@@ -115,6 +141,15 @@ class Trainer:
         """
         n = len(micro_batches)
         set_aux_loss_scale(1.0 / n)  # each micro-batch's loss enters the step's mean with 1/n
+        if self.pipeline is not None:
+            self.pipeline.step([b.to(self.ctx.device, non_blocking=True) for b in micro_batches])
+            # The loss lives on the rank of the last stage; every pipeline rank gets it.
+            if self.pipeline.holds_last_stage:
+                loss = self.loss_fn.pop_lm_loss()
+            else:
+                loss = torch.zeros((), device=self.ctx.device)
+            dist.all_reduce(loss, group=self.groups.pp)
+            return loss
         for i, batch_BS1 in enumerate(micro_batches):
             batch_BS1 = batch_BS1.to(self.ctx.device, non_blocking=True)
             inputs_BS, targets_BS = batch_BS1[:, :-1], batch_BS1[:, 1:]
@@ -128,7 +163,13 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches, clip, step. -> (loss, grad norm)."""
         loss = self.forward_backward_step(self.loader.next_step())
-        grad_norm = clip_grad_norm(self.dense_params, self.expert_params, self.cfg.optim.grad_clip, self.ctx.device)
+        grad_norm = clip_grad_norm(
+            self.dense_params,
+            self.expert_params,
+            self.cfg.optim.grad_clip,
+            self.ctx.device,
+            pp_group=self.groups.pp if self.pipeline is not None else None,  # each stage holds its own grads
+        )
         # One small all-reduce carries both "someone saw a non-finite loss" and "someone got
         # SIGTERM", so every rank takes the same branch.
         flags = torch.stack(
@@ -178,11 +219,19 @@ class Trainer:
         total = torch.zeros(2, device=self.ctx.device)
         for val in self.val_batches:
             batch_BS1 = val.tokens_BS1.to(self.ctx.device)
-            logits_BSV = self.model_parts[0](batch_BS1[:, :-1])[0]
+            if self.pipeline is not None:
+                outputs = self.pipeline.forward_only(batch_BS1[:, :-1])
+                if outputs is None:  # not the last stage: the sums come from the rank that holds it
+                    continue
+            else:
+                outputs = self.model_parts[0](batch_BS1[:, :-1])
+            logits_BSV = outputs[0]
             per_row_B = token_cross_entropy(logits_BSV, batch_BS1[:, 1:]).mean(dim=1)
             total[0] += per_row_B[: val.valid_rows].sum()
             total[1] += val.valid_rows
         dist.all_reduce(total, group=self.groups.dp)
+        if self.pipeline is not None:
+            dist.all_reduce(total, group=self.groups.pp)
         for part in self.model_parts:
             part.train()
         return (total[0] / total[1]).item()  # host sync: the value is logged
@@ -230,6 +279,8 @@ class Trainer:
                 stats = torch.stack([mean_loss, self.pop_cross_node_rows()])
                 dist.all_reduce(stats, group=self.groups.dp)
                 stats[0] /= self.dp_size
+                if self.pipeline is not None:  # each stage counts its own layers' rows
+                    dist.all_reduce(stats[1:], group=self.groups.pp)
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = tokens_per_step * (window_steps + window_skipped) / elapsed
                 record.update(self.step_record(stats, grad_norm, tokens_per_s, flops_per_token, peak.item()))

@@ -16,6 +16,8 @@ from omegaconf import DictConfig
 
 from launcher.errors import ConfigError
 from parallel.layout import PIPELINE_SCHEDULES, Layout, resolve_layout
+from parallel.pipeline import model_pieces, mtp_needs_embedding, plan_stages
+from parallel.pipeline.schedules import check_schedule_args
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 PRECISIONS = ("fp32", "bf16")
@@ -106,8 +108,6 @@ def validate_layout(cfg: DictConfig) -> Layout:
         layout = resolve_layout(world, p.pp, dp_replicate, p.dp_shard, p.ep)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    # Pipeline parallelism lands with its own issue; refuse rather than ignore.
-    _require(layout.pp == 1, "parallel.pp", layout.pp, "pipeline parallelism is not available yet; allowed: 1")
     m = cfg.model
     _require(
         m.num_experts % layout.ep == 0,
@@ -161,6 +161,37 @@ def validate_train(cfg: DictConfig, layout: Layout) -> None:
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     for key in ("beta1", "beta2"):
         _require(0 <= o[key] < 1, f"optim.{key}", o[key], "must be in [0, 1)")
+
+
+def validate_pipeline(cfg: DictConfig, layout: Layout) -> None:
+    """pp > 1: the schedule must run on these sizes, and the stage cut must fit the model."""
+    if layout.pp == 1:
+        return
+    p, t = cfg.parallel, cfg.train
+    # Two model copies (dualpipe) are not run yet; refuse rather than ignore.
+    runnable = tuple(s for s in PIPELINE_SCHEDULES if s != "dualpipe")
+    _require(
+        p.pp_schedule in runnable,
+        "parallel.pp_schedule",
+        p.pp_schedule,
+        f"not runnable yet with parallel.pp={layout.pp}; allowed: {', '.join(runnable)}",
+    )
+    microbatches = t.global_batch_size // layout.dp // t.micro_batch_size
+    try:
+        check_schedule_args(p.pp_schedule, layout.pp, microbatches)
+        plan = plan_stages(model_pieces(cfg.model), p.pp_schedule, layout.pp)
+    except ValueError as err:
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule} with {microbatches} micro-batches "
+            f"(global_batch_size / dp / micro_batch_size): {err}"
+        ) from None
+    _require(
+        not mtp_needs_embedding(plan),
+        "model.mtp_depth",
+        cfg.model.mtp_depth,
+        f"the MTP modules need the embedding on their stage, which parallel.pp_schedule={p.pp_schedule} "
+        "puts on another rank; allowed: model.mtp_depth=0, or parallel.pp_schedule=dualpipev",
+    )
 
 
 def validate_data(cfg: DictConfig) -> None:
@@ -232,6 +263,7 @@ def validate(cfg: DictConfig) -> Layout:
     validate_model(cfg.model)
     layout = validate_layout(cfg)
     validate_train(cfg, layout)
+    validate_pipeline(cfg, layout)
     validate_data(cfg)
     validate_checkpoint(cfg)
     return layout

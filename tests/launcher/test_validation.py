@@ -49,7 +49,12 @@ BAD = [
         ],
         "parallel.ep=2: must divide parallel.dp_shard=3 or be a multiple",
     ),
-    (["parallel.pp=2"], "parallel.pp=2"),
+    (["parallel.pp=2", "parallel.pp_schedule=dualpipe"], "parallel.pp_schedule=dualpipe: not runnable yet"),
+    (["parallel.pp=2", "model.mtp_depth=1"], "model.mtp_depth=1: the MTP modules need the embedding"),
+    (
+        ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "train.micro_batch_size=8", "model.mtp_depth=0"],
+        "dualpipev needs >= 2*pp-1 = 3",
+    ),
     (["launcher.stop_timeout_s=0"], "launcher.stop_timeout_s=0"),
     (["checkpoint.write_threads=0"], "checkpoint.write_threads=0"),
     (["logging.wandb.mode=cloud"], "allowed: disabled, offline, online"),
@@ -78,3 +83,13 @@ def test_valid_overrides_pass_validation(capsys, tmp_path):
     code = main(["train", *SYNTH, "--dry-run", "model.num_experts=16", "model.n_groups=4", "+extra.note=hi"])
     assert code == 0
     assert "num_experts: 16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["parallel.pp_schedule=dualpipev"], ["parallel.pp_schedule=1f1b", "model.mtp_depth=0"]],
+    ids=["dualpipev with mtp", "1f1b without mtp"],
+)
+def test_runnable_pipelines_pass_validation(overrides, capsys):
+    code = main(["train", *SYNTH, "--dry-run", "parallel.pp=2", *overrides])
+    assert code == 0, capsys.readouterr().err

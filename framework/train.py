@@ -22,6 +22,7 @@ from framework.flops import measure_peak_flops, train_flops_per_token
 from framework.loss import TrainingLoss, token_cross_entropy
 from framework.metrics import MetricsLogger
 from framework.model.moe.aux_loss import set_aux_loss_scale
+from framework.model.moe.layer import MoE
 from framework.model.moe.load_balance import ExpertLoadBalancer
 from framework.model.transformer import ModelArgs, MoETransformer
 from framework.optim import build_lr_scheduler, build_optimizer
@@ -327,8 +328,25 @@ class Trainer:
         }
         self.checkpoints.save(self.step, self.model, self.optimizer, state)
 
+    def model_loads(self) -> torch.Tensor:
+        """[MoE layers, experts] of the whole model: under a pipeline each rank holds some layers,
+        so they are gathered over the pipeline group (collective there) and put in model order."""
+        if self.pipeline is None:
+            return self.last_loads
+        names = [name for name, m in self.model.named_modules() if isinstance(m, MoE)]
+        mine = {name: row for name, row in zip(names, self.last_loads.tolist(), strict=False)}  # host sync
+        gathered = [None] * self.layout.pp
+        dist.all_gather_object(gathered, mine, group=self.groups.pp)
+        merged = {name: row for part in gathered for name, row in part.items()}
+
+        def model_order(name: str) -> tuple[int, int]:  # layers.i.ffn first, then mtp.k.block.ffn
+            kind, index = name.split(".")[:2]
+            return (kind == "mtp", int(index))
+
+        return torch.tensor([merged[name] for name in sorted(merged, key=model_order)])
+
     def step_record(self, stats, grad_norm, tokens_per_s: float, flops_per_token: float, peak: float) -> dict:
-        loads = self.last_loads
+        loads = self.model_loads()
         record = {
             "loss": stats[0].item(),
             "grad_norm": grad_norm.item(),

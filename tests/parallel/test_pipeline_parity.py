@@ -22,6 +22,7 @@ LAYOUTS = {
     "1f1b pp=2": (2, NO_MTP, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
     "gpipe pp=2": (2, NO_MTP, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
     "zb1p pp=2": (2, NO_MTP, ["parallel.pp=2", "parallel.pp_schedule=zb1p"]),
+    "interleaved_1f1b pp=2": (2, NO_MTP, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
     "dualpipev pp=2": (2, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipev"]),
     "1f1b pp=4": (4, NO_MTP, ["parallel.pp=4", "parallel.pp_schedule=1f1b", "model.n_layers=4"]),
     "dualpipev pp=2 x ep=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.ep=2"]),

@@ -67,15 +67,14 @@ class Trainer:
         with torch.device("meta"):
             self.model = MoETransformer(ModelArgs.from_config(cfg.model))
         self.n_params = sum(p.numel() for p in self.model.parameters())  # before EP splits experts
+        self.embed_copy_group = None  # the two ranks that hold the embedding when MTP needs a copy
         if p.pp > 1:  # keep this rank's pipeline stages only (same parameter names), before sharding
             plan = plan_stages(model_pieces(cfg.model), p.pp_schedule, p.pp)
             if mtp_needs_embedding(plan):
-                raise ValueError(
-                    f"model.mtp_depth={cfg.model.mtp_depth} with parallel.pp_schedule={p.pp_schedule}: the MTP "
-                    "modules need the embedding on their stage; allowed: mtp_depth=0, or pp_schedule=dualpipev"
-                )
+                self.embed_copy_group = self._embedding_pairs(plan.rank_of_piece("embed"), plan.rank_of_piece("head"))
             self.stage_pieces = rank_stage_pieces(plan, self.mesh.get_local_rank("pp"))
-            keep_pieces(self.model, frozenset().union(*self.stage_pieces.values()))
+            self.rank_pieces = frozenset().union(*self.stage_pieces.values())
+            keep_pieces(self.model, self.rank_pieces)
         ep_per_node = p.ep_per_node or cfg.launcher.nproc_per_node
         apply_expert_parallel(self.model, self.expert_mesh, ep_per_node)
         apply_fsdp(self.model, dp_mesh(self.mesh), expert_dp_mesh(self.expert_mesh), cfg.train.precision)
@@ -115,6 +114,16 @@ class Trainer:
             wandb_run_id = state.get("wandb_run_id")
         self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=wandb_run_id)
 
+    def _embedding_pairs(self, first: int, last: int) -> dist.ProcessGroup:
+        """The MTP modules on the last stage embed the next tokens: that rank keeps its own copy
+        of the embedding (same name and init). Each copy's gradient is summed with the other's over
+        this group (same data-parallel position on both stages), so the copies stay identical."""
+        ranks_PRS = self.mesh.mesh
+        _, R, S = ranks_PRS.shape
+        pairs = [[int(ranks_PRS[first, r, s]), int(ranks_PRS[last, r, s])] for r in range(R) for s in range(S)]
+        group, _ = dist.new_subgroups_by_enumeration(pairs)  # collective: every rank, same order
+        return group
+
     def _build_pipeline(self) -> PipelineRuntime:
         """This rank's schedule executor; its stages run the one pruned model, piece by piece."""
         t = self.cfg.train
@@ -127,6 +136,12 @@ class Trainer:
         units = {s: fsdp_units(self.model, pieces) for s, pieces in self.stage_pieces.items()}
         pp_rank = self.mesh.get_local_rank("pp")
         return PipelineRuntime(schedule, pp_rank, self.groups.pp, run_stage, self.loss_fn, self.cfg.model.dim, units)
+
+    def embedding_copy(self) -> list[torch.nn.Parameter]:
+        """The embedding held by the last stage for its MTP modules: the first stage's is counted."""
+        if self.embed_copy_group is None or self.model.embed is None or "embed" in self.rank_pieces:
+            return []
+        return [self.model.embed.weight]
 
     @property
     def last_loads(self) -> torch.Tensor:
@@ -144,6 +159,9 @@ class Trainer:
         set_aux_loss_scale(1.0 / n)  # each micro-batch's loss enters the step's mean with 1/n
         if self.pipeline is not None:
             self.pipeline.step([b.to(self.ctx.device, non_blocking=True) for b in micro_batches])
+            if self.embed_copy_group is not None and self.model.embed is not None:
+                grad = self.model.embed.weight.grad  # this rank's shard, reduced over dp
+                dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=self.embed_copy_group)
             # The loss lives on the rank of the last stage; every pipeline rank gets it.
             if self.pipeline.holds_last_stage:
                 loss = self.loss_fn.pop_lm_loss()
@@ -170,6 +188,7 @@ class Trainer:
             self.cfg.optim.grad_clip,
             self.ctx.device,
             pp_group=self.groups.pp if self.pipeline is not None else None,  # each stage holds its own grads
+            uncounted=self.embedding_copy(),
         )
         # One small all-reduce carries both "someone saw a non-finite loss" and "someone got
         # SIGTERM", so every rank takes the same branch.

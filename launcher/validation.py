@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from launcher.errors import ConfigError
 from parallel.layout import PIPELINE_SCHEDULES, Layout, resolve_layout
-from parallel.pipeline import model_pieces, mtp_needs_embedding, plan_stages
+from parallel.pipeline import model_pieces, plan_stages
 from parallel.pipeline.schedules import check_schedule_args
 
 SCORE_FUNCS = ("sigmoid", "softmax")
@@ -179,19 +179,12 @@ def validate_pipeline(cfg: DictConfig, layout: Layout) -> None:
     microbatches = t.global_batch_size // layout.dp // t.micro_batch_size
     try:
         check_schedule_args(p.pp_schedule, layout.pp, microbatches)
-        plan = plan_stages(model_pieces(cfg.model), p.pp_schedule, layout.pp)
+        plan_stages(model_pieces(cfg.model), p.pp_schedule, layout.pp)  # the cut must fit the model
     except ValueError as err:
         raise ConfigError(
             f"parallel.pp_schedule={p.pp_schedule} with {microbatches} micro-batches "
             f"(global_batch_size / dp / micro_batch_size): {err}"
         ) from None
-    _require(
-        not mtp_needs_embedding(plan),
-        "model.mtp_depth",
-        cfg.model.mtp_depth,
-        f"the MTP modules need the embedding on their stage, which parallel.pp_schedule={p.pp_schedule} "
-        "puts on another rank; allowed: model.mtp_depth=0, or parallel.pp_schedule=dualpipev",
-    )
 
 
 def validate_data(cfg: DictConfig) -> None:

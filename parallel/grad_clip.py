@@ -7,6 +7,7 @@ taken on its own (full_tensor() sums over its shards) and the squares are added.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,11 +29,14 @@ def clip_grad_norm(
     max_norm: float,
     device: torch.device,
     pp_group: dist.ProcessGroup | None = None,
+    uncounted: Sequence[nn.Parameter] = (),
 ) -> torch.Tensor:
     """Scale every gradient so the global L2 norm is at most max_norm (0 or inf: never).
     With `pp_group`, each pipeline stage holds other parameters: the squares add over it.
-    -> the norm before clipping."""
-    dense_sq = _squared_norm([p.grad for p in dense if p.grad is not None], device)
+    `uncounted`: dense parameters that another stage holds too (a tied copy), scaled but not
+    counted twice. -> the norm before clipping."""
+    skip = {id(p) for p in uncounted}
+    dense_sq = _squared_norm([p.grad for p in dense if p.grad is not None and id(p) not in skip], device)
     expert_sq = _squared_norm([p.grad for p in experts if p.grad is not None], device)
     total_sq = dense_sq + expert_sq
     if pp_group is not None:

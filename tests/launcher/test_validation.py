@@ -50,7 +50,6 @@ BAD = [
         "parallel.ep=2: must divide parallel.dp_shard=3 or be a multiple",
     ),
     (["parallel.pp=2", "parallel.pp_schedule=dualpipe"], "parallel.pp_schedule=dualpipe: not runnable yet"),
-    (["parallel.pp=2", "model.mtp_depth=1"], "model.mtp_depth=1: the MTP modules need the embedding"),
     (
         ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "train.micro_batch_size=8", "model.mtp_depth=0"],
         "dualpipev needs >= 2*pp-1 = 3",
@@ -87,8 +86,8 @@ def test_valid_overrides_pass_validation(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["parallel.pp_schedule=dualpipev"], ["parallel.pp_schedule=1f1b", "model.mtp_depth=0"]],
-    ids=["dualpipev with mtp", "1f1b without mtp"],
+    [["parallel.pp_schedule=dualpipev"], ["parallel.pp_schedule=1f1b"], ["parallel.pp_schedule=interleaved_1f1b"]],
+    ids=["dualpipev", "1f1b", "interleaved_1f1b"],
 )
 def test_runnable_pipelines_pass_validation(overrides, capsys):
     code = main(["train", *SYNTH, "--dry-run", "parallel.pp=2", *overrides])

@@ -12,6 +12,7 @@ STEPS = 4
 STOP = 2
 COMMON = [f"train.steps={STEPS}", "checkpoint.keep=2"]
 PP2 = ["parallel.pp=2", "parallel.pp_schedule=dualpipev"]
+PP2_1F1B = ["parallel.pp=2", "parallel.pp_schedule=1f1b"]  # both stages hold the embedding (MTP)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,9 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "first,second", [((2, PP2), (1, [])), ((1, []), (2, PP2))], ids=["pp=2 -> pp=1", "pp=1 -> pp=2"]
+    "first,second",
+    [((2, PP2), (1, [])), ((1, []), (2, PP2)), ((2, PP2_1F1B), (1, []))],
+    ids=["dualpipev pp=2 -> pp=1", "pp=1 -> dualpipev pp=2", "1f1b pp=2 -> pp=1"],
 )
 def test_resume_at_another_pp_continues_the_curve(first, second, uninterrupted, tmp_path):
     (w1, o1), (w2, o2) = first, second

@@ -16,17 +16,18 @@ from tests.parallel.spawn import run_workers
 pytestmark = pytest.mark.slow
 
 STEPS = 3
-NO_MTP = ["model.mtp_depth=0"]  # gpipe/1f1b/zb1p put the MTP modules away from the embedding: refused
+NO_MTP = ["model.mtp_depth=0"]
 
 LAYOUTS = {
-    "1f1b pp=2": (2, NO_MTP, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    # the last stage's MTP modules use a copy of the embedding, its gradient summed with the first's
+    "1f1b pp=2": (2, [], ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
     "gpipe pp=2": (2, NO_MTP, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
     "zb1p pp=2": (2, NO_MTP, ["parallel.pp=2", "parallel.pp_schedule=zb1p"]),
     "interleaved_1f1b pp=2": (2, NO_MTP, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
     "dualpipev pp=2": (2, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipev"]),
-    "1f1b pp=4": (4, NO_MTP, ["parallel.pp=4", "parallel.pp_schedule=1f1b", "model.n_layers=4"]),
+    "1f1b pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=1f1b", "model.n_layers=4"]),
     "dualpipev pp=2 x ep=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.ep=2"]),
-    "1f1b pp=2 x dp_shard=2": (4, NO_MTP, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.dp_shard=2"]),
+    "1f1b pp=2 x dp_shard=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.dp_shard=2"]),
 }
 
 
@@ -41,9 +42,10 @@ def _train(rank: int, world: int, cfg_yaml: str, steps: int) -> dict:
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
     trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
     moe_names = [name for name, m in trainer.model.named_modules() if isinstance(m, MoE)]
-    losses, loads = [], []
+    losses, loads, grad_norms = [], [], []
     for _ in range(steps):
-        loss, _ = trainer.train_step()
+        loss, grad_norm = trainer.train_step()
+        grad_norms.append(grad_norm.item())
         trainer.step += 1
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
@@ -57,7 +59,13 @@ def _train(rank: int, world: int, cfg_yaml: str, steps: int) -> dict:
     }
     gathered = [None] * world
     dist.all_gather_object(gathered, mine)
-    merged = {"losses": losses, "state": {}, "loads": [{} for _ in range(steps)], "biases": {}}
+    merged = {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "state": {},
+        "loads": [{} for _ in range(steps)],
+        "biases": {},
+    }
     for part in gathered:  # ranks holding the same stage must agree (checked on the way)
         for key in ("state", "biases"):
             for name, value in part[key].items():
@@ -95,6 +103,10 @@ def test_pipeline_matches_single_process(name, references, tmp_path):
     ref_losses = torch.tensor(reference["losses"])
     assert ref_losses[-1] < ref_losses[0]  # it trained
     torch.testing.assert_close(torch.tensor(got["losses"]), ref_losses, rtol=1e-5, atol=0)
+    # every stage's gradients, each counted once (the embedding copy of the MTP stage too)
+    torch.testing.assert_close(
+        torch.tensor(got["grad_norms"]), torch.tensor(reference["grad_norms"]), rtol=1e-5, atol=0
+    )
     for step, (a, b) in enumerate(zip(got["loads"], reference["loads"], strict=True)):
         assert a.keys() == b.keys()
         for layer in a:

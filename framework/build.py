@@ -15,6 +15,7 @@ from framework.model.transformer import MoETransformer
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import dp_mesh, expert_dp_mesh
+from parallel.pipeline.stage import keep_pieces as keep_stage_pieces
 
 
 def build_sharded_model(
@@ -25,11 +26,15 @@ def build_sharded_model(
     precision: str,
     device: torch.device,
     ep_per_node: int,
+    keep_pieces: frozenset[str] | None = None,
 ) -> tuple[MoETransformer, int]:
-    """-> (the sharded, initialised model, the whole model's parameter count)."""
+    """-> (the sharded, initialised model, the whole model's parameter count). With
+    `keep_pieces` (pipeline parallelism) only this rank's stages stay, names unchanged."""
     with torch.device("meta"):
         model = MoETransformer(args)
     n_params = sum(p.numel() for p in model.parameters())  # before EP splits experts
+    if keep_pieces is not None:
+        keep_stage_pieces(model, keep_pieces)
     apply_expert_parallel(model, expert_mesh, ep_per_node)
     apply_fsdp(model, dp_mesh(mesh), expert_dp_mesh(expert_mesh), precision)
     model.to_empty(device=device)

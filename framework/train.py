@@ -25,6 +25,7 @@ from framework.loss import TrainingLoss, token_cross_entropy
 from framework.metrics import MetricsLogger
 from framework.model.args import ModelArgs
 from framework.model.moe.aux_loss import set_aux_loss_scale
+from framework.model.moe.layer import MoE
 from framework.model.moe.load_balance import ExpertLoadBalancer
 from framework.optim import build_lr_scheduler, build_optimizer
 from framework.resume_changes import apply_resume_changes
@@ -32,6 +33,9 @@ from parallel.grad_clip import clip_grad_norm
 from parallel.layout import resolve_layout
 from parallel.memory import memory_report, setup_memory
 from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_rank_and_size
+from parallel.pipeline import build_schedule, model_pieces, mtp_needs_embedding, plan_stages
+from parallel.pipeline.runtime import PipelineRuntime
+from parallel.pipeline.stage import fsdp_units, rank_stage_pieces
 
 
 class TrainingStopped(Exception):
@@ -55,6 +59,14 @@ class Trainer:
         self.dp_rank, self.dp_size = dp_rank_and_size(self.mesh)
         torch.manual_seed(cfg.train.seed)
 
+        self.embed_copy_group = None  # the two ranks that hold the embedding when MTP needs a copy
+        keep = None
+        if p.pp > 1:  # keep this rank's pipeline stages only (same parameter names), before sharding
+            plan = plan_stages(model_pieces(cfg.model), p.pp_schedule, p.pp)
+            if mtp_needs_embedding(plan):
+                self.embed_copy_group = self._embedding_pairs(plan.rank_of_piece("embed"), plan.rank_of_piece("head"))
+            self.stage_pieces = rank_stage_pieces(plan, self.mesh.get_local_rank("pp"))
+            self.rank_pieces = keep = frozenset().union(*self.stage_pieces.values())
         # Parallelism is applied to a plain model built on the meta device; each rank
         # materialises only its own shards (framework/build.py).
         self.model, self.n_params = build_sharded_model(
@@ -65,6 +77,7 @@ class Trainer:
             cfg.train.precision,
             ctx.device,
             p.ep_per_node or cfg.launcher.nproc_per_node,
+            keep_pieces=keep,
         )
         expert_ids = {id(p) for m in self.model.moe_layers() for p in m.experts.parameters()}
         self.expert_params = [p for p in self.model.parameters() if id(p) in expert_ids]
@@ -72,6 +85,7 @@ class Trainer:
         # The pipeline-ready view: a list of the model chunks this rank runs (one when pp=1).
         self.model_parts = [self.model]
         self.loss_fn = TrainingLoss(cfg.model.mtp_weight)
+        self.pipeline = self._build_pipeline() if p.pp > 1 else None
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.load_balancer = ExpertLoadBalancer(self.model.moe_layers(), cfg.model.bias_update_speed, self.groups.dp)
@@ -100,6 +114,35 @@ class Trainer:
         self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=wandb_run_id)
         apply_resume_changes(self.resumed_from, self.model, self.optimizer, self.scheduler, cfg.optim, self.logger)
 
+    def _embedding_pairs(self, first: int, last: int) -> dist.ProcessGroup:
+        """The MTP modules on the last stage embed the next tokens: that rank keeps its own copy
+        of the embedding (same name and init). Each copy's gradient is summed with the other's over
+        this group (same data-parallel position on both stages), so the copies stay identical."""
+        ranks_PRS = self.mesh.mesh
+        _, R, S = ranks_PRS.shape
+        pairs = [[int(ranks_PRS[first, r, s]), int(ranks_PRS[last, r, s])] for r in range(R) for s in range(S)]
+        group, _ = dist.new_subgroups_by_enumeration(pairs)  # collective: every rank, same order
+        return group
+
+    def _build_pipeline(self) -> PipelineRuntime:
+        """This rank's schedule executor; its stages run the one pruned model, piece by piece."""
+        t = self.cfg.train
+        microbatches = t.global_batch_size // self.dp_size // t.micro_batch_size
+        schedule = build_schedule(self.cfg.parallel.pp_schedule, self.layout.pp, microbatches)
+
+        def run_stage(stage: int, tokens_BS: torch.Tensor, h_BSD: torch.Tensor | None):
+            return self.model(tokens_BS, h_BSD, self.stage_pieces[stage])
+
+        units = {s: fsdp_units(self.model, pieces) for s, pieces in self.stage_pieces.items()}
+        pp_rank = self.mesh.get_local_rank("pp")
+        return PipelineRuntime(schedule, pp_rank, self.groups.pp, run_stage, self.loss_fn, self.cfg.model.dim, units)
+
+    def embedding_copy(self) -> list[torch.nn.Parameter]:
+        """The embedding held by the last stage for its MTP modules: the first stage's is counted."""
+        if self.embed_copy_group is None or self.model.embed is None or "embed" in self.rank_pieces:
+            return []
+        return [self.model.embed.weight]
+
     @property
     def last_loads(self) -> torch.Tensor:
         """[MoE layers, experts] tokens routed in the last optimizer step, all ranks."""
@@ -114,6 +157,18 @@ class Trainer:
         """
         n = len(micro_batches)
         set_aux_loss_scale(1.0 / n)  # each micro-batch's loss enters the step's mean with 1/n
+        if self.pipeline is not None:
+            self.pipeline.step([b.to(self.ctx.device, non_blocking=True) for b in micro_batches])
+            if self.embed_copy_group is not None and self.model.embed is not None:
+                grad = self.model.embed.weight.grad  # this rank's shard, reduced over dp
+                dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=self.embed_copy_group)
+            # The loss lives on the rank of the last stage; every pipeline rank gets it.
+            if self.pipeline.holds_last_stage:
+                loss = self.loss_fn.pop_lm_loss()
+            else:
+                loss = torch.zeros((), device=self.ctx.device)
+            dist.all_reduce(loss, group=self.groups.pp)
+            return loss
         for i, batch_BS1 in enumerate(micro_batches):
             batch_BS1 = batch_BS1.to(self.ctx.device, non_blocking=True)
             inputs_BS, targets_BS = batch_BS1[:, :-1], batch_BS1[:, 1:]
@@ -127,7 +182,14 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches, clip, step. -> (loss, grad norm)."""
         loss = self.forward_backward_step(self.loader.next_step())
-        grad_norm = clip_grad_norm(self.dense_params, self.expert_params, self.cfg.optim.grad_clip, self.ctx.device)
+        grad_norm = clip_grad_norm(
+            self.dense_params,
+            self.expert_params,
+            self.cfg.optim.grad_clip,
+            self.ctx.device,
+            pp_group=self.groups.pp if self.pipeline is not None else None,  # each stage holds its own grads
+            uncounted=self.embedding_copy(),
+        )
         # One small all-reduce carries both "someone saw a non-finite loss" and "someone got
         # SIGTERM", so every rank takes the same branch.
         flags = torch.stack(
@@ -177,11 +239,19 @@ class Trainer:
         total = torch.zeros(2, device=self.ctx.device)
         for val in self.val_batches:
             batch_BS1 = val.tokens_BS1.to(self.ctx.device)
-            logits_BSV = self.model_parts[0](batch_BS1[:, :-1])[0]
+            if self.pipeline is not None:
+                outputs = self.pipeline.forward_only(batch_BS1[:, :-1])
+                if outputs is None:  # not the last stage: the sums come from the rank that holds it
+                    continue
+            else:
+                outputs = self.model_parts[0](batch_BS1[:, :-1])
+            logits_BSV = outputs[0]
             per_row_B = token_cross_entropy(logits_BSV, batch_BS1[:, 1:]).mean(dim=1)
             total[0] += per_row_B[: val.valid_rows].sum()
             total[1] += val.valid_rows
         dist.all_reduce(total, group=self.groups.dp)
+        if self.pipeline is not None:
+            dist.all_reduce(total, group=self.groups.pp)
         for part in self.model_parts:
             part.train()
         return (total[0] / total[1]).item()  # host sync: the value is logged
@@ -229,6 +299,8 @@ class Trainer:
                 stats = torch.stack([mean_loss, self.pop_cross_node_rows()])
                 dist.all_reduce(stats, group=self.groups.dp)
                 stats[0] /= self.dp_size
+                if self.pipeline is not None:  # each stage counts its own layers' rows
+                    dist.all_reduce(stats[1:], group=self.groups.pp)
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = tokens_per_step * (window_steps + window_skipped) / elapsed
                 record.update(self.step_record(stats, grad_norm, tokens_per_s, flops_per_token, peak.item()))
@@ -275,8 +347,25 @@ class Trainer:
         }
         self.checkpoints.save(self.step, self.model, self.optimizer, state)
 
+    def model_loads(self) -> torch.Tensor:
+        """[MoE layers, experts] of the whole model: under a pipeline each rank holds some layers,
+        so they are gathered over the pipeline group (collective there) and put in model order."""
+        if self.pipeline is None:
+            return self.last_loads
+        names = [name for name, m in self.model.named_modules() if isinstance(m, MoE)]
+        mine = {name: row for name, row in zip(names, self.last_loads.tolist(), strict=False)}  # host sync
+        gathered = [None] * self.layout.pp
+        dist.all_gather_object(gathered, mine, group=self.groups.pp)
+        merged = {name: row for part in gathered for name, row in part.items()}
+
+        def model_order(name: str) -> tuple[int, int]:  # layers.i.ffn first, then mtp.k.block.ffn
+            kind, index = name.split(".")[:2]
+            return (kind == "mtp", int(index))
+
+        return torch.tensor([merged[name] for name in sorted(merged, key=model_order)])
+
     def step_record(self, stats, grad_norm, tokens_per_s: float, flops_per_token: float, peak: float) -> dict:
-        loads = self.last_loads
+        loads = self.model_loads()
         record = {
             "loss": stats[0].item(),
             "grad_norm": grad_norm.item(),

@@ -25,6 +25,8 @@ from launcher.errors import ConfigError
 from launcher.run_dir import PROJECT_DIR
 from launcher.token_check import check_token_files
 from parallel.layout import PIPELINE_SCHEDULES, Layout, resolve_layout
+from parallel.pipeline import model_pieces, plan_stages
+from parallel.pipeline.schedules import check_schedule_args
 
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -111,8 +113,6 @@ def validate_layout(cfg: DictConfig) -> Layout:
         layout = resolve_layout(world, p.pp, p.dp_replicate, p.dp_shard, p.ep)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    # Pipeline parallelism lands with its own issue; refuse rather than ignore.
-    _require(layout.pp == 1, "parallel.pp", layout.pp, "pipeline parallelism is not available yet; allowed: 1")
     m = cfg.model
     _require(
         m.num_experts % layout.ep == 0,
@@ -166,6 +166,30 @@ def validate_train(cfg: DictConfig, layout: Layout) -> None:
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     for key in ("beta1", "beta2"):
         _require(0 <= o[key] < 1, f"optim.{key}", o[key], "must be in [0, 1)")
+
+
+def validate_pipeline(cfg: DictConfig, layout: Layout) -> None:
+    """pp > 1: the schedule must run on these sizes, and the stage cut must fit the model."""
+    if layout.pp == 1:
+        return
+    p, t = cfg.parallel, cfg.train
+    # Two model copies (dualpipe) are not run yet; refuse rather than ignore.
+    runnable = tuple(s for s in PIPELINE_SCHEDULES if s != "dualpipe")
+    _require(
+        p.pp_schedule in runnable,
+        "parallel.pp_schedule",
+        p.pp_schedule,
+        f"not runnable yet with parallel.pp={layout.pp}; allowed: {', '.join(runnable)}",
+    )
+    microbatches = t.global_batch_size // layout.dp // t.micro_batch_size
+    try:
+        check_schedule_args(p.pp_schedule, layout.pp, microbatches)
+        plan_stages(model_pieces(cfg.model), p.pp_schedule, layout.pp)  # the cut must fit the model
+    except ValueError as err:
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule} with {microbatches} micro-batches "
+            f"(global_batch_size / dp / micro_batch_size): {err}"
+        ) from None
 
 
 def validate_data(cfg: DictConfig) -> None:
@@ -350,6 +374,7 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> Layout:
     layout = validate_layout(cfg)
     validate_train(cfg, layout)
     validate_elastic(cfg)
+    validate_pipeline(cfg, layout)
     validate_data(cfg)
     validate_checkpoint(cfg)
     return layout

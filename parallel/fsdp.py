@@ -31,7 +31,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh
             moe.experts.set_force_sum_reduction_for_comms(True)
         if precision == "bf16":
             fully_shard(moe.router, mesh=dp_mesh, mp_policy=FP32)
-    for block in list(model.layers) + list(model.mtp):
+    for block in list(model.layers.values()) + list(model.mtp):
         fully_shard(block, mesh=dp_mesh, mp_policy=compute)
     fully_shard(model, mesh=dp_mesh, mp_policy=FP32)
     return model

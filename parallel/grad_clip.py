@@ -7,8 +7,10 @@ taken on its own (full_tensor() sums over its shards) and the squares are added.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -22,13 +24,24 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
 
 
 def clip_grad_norm(
-    dense: list[nn.Parameter], experts: list[nn.Parameter], max_norm: float, device: torch.device
+    dense: list[nn.Parameter],
+    experts: list[nn.Parameter],
+    max_norm: float,
+    device: torch.device,
+    pp_group: dist.ProcessGroup | None = None,
+    uncounted: Sequence[nn.Parameter] = (),
 ) -> torch.Tensor:
     """Scale every gradient so the global L2 norm is at most max_norm (0 or inf: never).
-    -> the norm before clipping."""
-    dense_sq = _squared_norm([p.grad for p in dense if p.grad is not None], device)
+    With `pp_group`, each pipeline stage holds other parameters: the squares add over it.
+    `uncounted`: dense parameters that another stage holds too (a tied copy), scaled but not
+    counted twice. -> the norm before clipping."""
+    skip = {id(p) for p in uncounted}
+    dense_sq = _squared_norm([p.grad for p in dense if p.grad is not None and id(p) not in skip], device)
     expert_sq = _squared_norm([p.grad for p in experts if p.grad is not None], device)
-    total = (dense_sq + expert_sq).sqrt()
+    total_sq = dense_sq + expert_sq
+    if pp_group is not None:
+        dist.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt()
     if max_norm > 0 and math.isfinite(max_norm):
         coef = min(1.0, max_norm / (total.item() + 1e-6))
         if coef < 1.0:

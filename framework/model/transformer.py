@@ -59,7 +59,9 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, moe=i >= args.first_k_dense) for i in range(args.n_layers))
+        # Keyed "0".."n-1" (the same FQNs as a list) so a pipeline stage can drop other stages'
+        # blocks and keep its own under their global names (parallel/pipeline/stage.py).
+        self.layers = nn.ModuleDict({str(i): Block(args, moe=i >= args.first_k_dense) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(args) for _ in range(args.mtp_depth))
@@ -92,14 +94,23 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, tokens_BS: torch.Tensor, h_BSD: torch.Tensor | None = None, pieces: frozenset[str] | None = None
+    ) -> tuple[torch.Tensor, ...] | torch.Tensor:
         """-> (main logits [B, S, V], then depth k's MTP logits [B, S-k, V] for k = 1..mtp_depth),
         fp32. Depth k at position i sees token i+k and predicts token i+k+1, so it reads only
-        the inputs; the loss (framework/loss.py) pairs each with its shifted targets."""
+        the inputs; the loss (framework/loss.py) pairs each with its shifted targets.
+
+        A pipeline stage runs only its `pieces` ("embed", "layers.i", "head" (with the final
+        norm and the MTP modules)): it starts from `h_BSD`, the previous stage's output, unless
+        it holds the embedding, and returns its hidden state [B, S, D] unless it holds the head."""
         S = tokens_BS.shape[1]
-        h = self.embed(tokens_BS)
-        for layer in self.layers:
-            h = layer(h, self.rope_cos, self.rope_sin)
+        h = self.embed(tokens_BS) if pieces is None or "embed" in pieces else h_BSD
+        for name, layer in self.layers.items():
+            if pieces is None or f"layers.{name}" in pieces:
+                h = layer(h, self.rope_cos, self.rope_sin)
+        if pieces is not None and "head" not in pieces:
+            return h
         outputs = [self._head(self.norm(h))]
         for k, module in enumerate(self.mtp, start=1):
             emb_next = self.embed(tokens_BS[:, k:S])

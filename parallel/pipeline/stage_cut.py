@@ -146,3 +146,10 @@ def plan_stages(pieces: Sequence[Piece], schedule: str, pp: int, virtual_stages:
         stage_costs=tuple(sum(p.cost for p in stage) for stage in stages),
         stage_ranks=placement,
     )
+
+
+def mtp_needs_embedding(plan: StagePlan) -> bool:
+    """True where the stage with the MTP modules (which embed the next tokens) is on another rank
+    than the embedding: the runtime cannot share one weight across ranks."""
+    has_mtp = any(name.startswith("mtp.") for stage in plan.stages for name in stage)
+    return has_mtp and plan.rank_of_piece("embed") != plan.rank_of_piece("head")

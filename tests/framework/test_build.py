@@ -32,7 +32,7 @@ cpu = torch.device("cpu")
 mesh, expert_mesh = build_mesh(layout, cpu), build_expert_mesh(layout, cpu)
 model, n_params = build_sharded_model(args, 0, mesh, expert_mesh, "bf16", cpu, 8)
 local = sum(local_bytes(p) for p in model.parameters())
-w1 = model.layers[1].ffn.experts.w1
+w1 = model.layers["1"].ffn.experts.w1
 print(json.dumps({
     "n_params": n_params, "local_bytes": local, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "w1_local": list(w1.to_local().shape), "w1_std": w1.to_local().std().item(),

@@ -60,7 +60,11 @@ BAD = [
         ],
         "parallel.ep=2: must divide parallel.dp_shard=3 or be a multiple",
     ),
-    (["parallel.pp=2"], "parallel.pp=2"),
+    (["parallel.pp=2", "parallel.pp_schedule=dualpipe"], "parallel.pp_schedule=dualpipe: not runnable yet"),
+    (
+        ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "train.micro_batch_size=8", "model.mtp_depth=0"],
+        "dualpipev needs >= 2*pp-1 = 3",
+    ),
     (["launcher.stop_timeout_s=0"], "launcher.stop_timeout_s=0"),
     (["checkpoint.write_threads=0"], "checkpoint.write_threads=0"),
     (["logging.wandb.mode=cloud"], "allowed: disabled, offline, online"),
@@ -115,3 +119,13 @@ def test_ranks_start_with_a_string_dp_replicate(tmp_path):
     out = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(pp 1 x dp_replicate 2 x dp_shard 1, ep 1)" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["parallel.pp_schedule=dualpipev"], ["parallel.pp_schedule=1f1b"], ["parallel.pp_schedule=interleaved_1f1b"]],
+    ids=["dualpipev", "1f1b", "interleaved_1f1b"],
+)
+def test_runnable_pipelines_pass_validation(overrides, capsys):
+    code = main(["train", *SYNTH, "--dry-run", "parallel.pp=2", *overrides])
+    assert code == 0, capsys.readouterr().err

@@ -26,9 +26,9 @@ def _bf16_training(rank: int, world: int, cfg_yaml: str) -> dict:
 
         return hook
 
-    model.layers[1].attn.wq.register_forward_pre_hook(record("block"))
-    model.layers[1].ffn.experts.register_forward_pre_hook(record("experts"))
-    model.layers[1].ffn.router.register_forward_pre_hook(record("router"))
+    model.layers["1"].attn.wq.register_forward_pre_hook(record("block"))
+    model.layers["1"].ffn.experts.register_forward_pre_hook(record("experts"))
+    model.layers["1"].ffn.router.register_forward_pre_hook(record("router"))
     model.head.register_forward_pre_hook(record("head"))
     losses = [trainer.train_step()[0].item() for _ in range(15)]
     return {

@@ -26,7 +26,7 @@ def _batch(args=ARGS, batch=3, seed=0):
 
 def test_layers_are_dense_then_moe_and_mtp_modules_exist():
     model = _model()
-    kinds = [isinstance(layer.ffn, MoE) for layer in model.layers]
+    kinds = [isinstance(layer.ffn, MoE) for layer in model.layers.values()]
     assert kinds == [False, True, True]
     assert len(model.mtp) == 2
     assert len(model.moe_layers()) == 2 + 2  # trunk MoE blocks + one per MTP module
@@ -66,7 +66,7 @@ def test_aux_loss_reaches_the_router_through_the_block_output():
     for alpha in (0.0, 0.5):
         model = _model(ARGS.__class__(**{**ARGS.__dict__, "aux_loss_alpha": alpha}))
         _loss(model, batch).backward()
-        grads[alpha] = model.layers[1].ffn.router.weight.grad.clone()
+        grads[alpha] = model.layers["1"].ffn.router.weight.grad.clone()
     assert not torch.allclose(grads[0.0], grads[0.5])
 
 

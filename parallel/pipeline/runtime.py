@@ -1,0 +1,175 @@
+"""Runs one rank's action list (parallel/pipeline/actions.py) on its stages: a forward keeps its
+input and output for the backward, activations and their gradients travel by isend/irecv on the
+pipeline group (one tag per tensor), and the last stage calls the loss.
+
+B runs the whole backward (input and weight gradients) and its W does nothing; F&B runs its
+forward, then its backward, one after the other (not overlapped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.pipeline.actions import Kind, PipelineSchedule
+
+# stage, input tokens [B, S], the previous stage's output [B, S, D] (None on the first stage)
+StageFn = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor | tuple[torch.Tensor, ...]]
+LossFn = Callable[[tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
+
+WIRE_DTYPE = torch.float32  # activations and gradients travel in fp32 (exact for bf16 too)
+
+
+class PipelineRuntime:
+    """One rank's executor. `stage_fn(stage, tokens_BS, h_BSD)` runs one of this rank's stages;
+    `units[stage]` are the FSDP modules it uses: each reduces its gradients only in the last
+    backward on this rank that touches it (a module may serve two stages, the root does)."""
+
+    def __init__(
+        self,
+        schedule: PipelineSchedule,
+        pp_rank: int,
+        pp_group: dist.ProcessGroup,
+        stage_fn: StageFn,
+        loss_fn: LossFn,
+        hidden_dim: int,
+        units: dict[int, Sequence[nn.Module]],
+    ):
+        if schedule.directions != 1:
+            raise ValueError(f"pipeline schedule {schedule.name!r}: two model copies are not supported by the runtime")
+        self.schedule, self.pp_rank, self.group = schedule, pp_rank, pp_group
+        self.stage_fn, self.loss_fn, self.hidden_dim = stage_fn, loss_fn, hidden_dim
+        self.actions = schedule.actions[pp_rank]
+        self.last_stage = schedule.num_stages - 1
+        self.stages = {s for _, s in schedule.stages_of(pp_rank)}
+        self.holds_last_stage = self.last_stage in self.stages
+        self.global_rank = {r: dist.get_global_rank(pp_group, r) for r in range(schedule.pp)}
+        self._sync_plan = self._plan_gradient_sync(units)
+
+    def _plan_gradient_sync(self, units: dict[int, Sequence[nn.Module]]) -> list[tuple[nn.Module, int]]:
+        """-> (unit, index of the last backward action that touches it) for every unit."""
+        last: dict[int, tuple[nn.Module, int]] = {}
+        for i, action in enumerate(self.actions):
+            for part in action.parts():
+                if part.kind in (Kind.B, Kind.BW):
+                    for unit in units.get(part.stage, ()):
+                        last[id(unit)] = (unit, i)
+        return list(last.values())
+
+    def _tag(self, kind: Kind, stage: int, microbatch: int) -> int:
+        """One tag per tensor: the boundary it crosses (between stage b and b+1), micro-batch, way."""
+        boundary = stage if kind in (Kind.SEND_F, Kind.RECV_B) else stage - 1
+        backward = kind in (Kind.SEND_B, Kind.RECV_B)
+        return (boundary * self.schedule.microbatches + microbatch) * 2 + int(backward)
+
+    def step(self, micro_batches: Sequence[torch.Tensor]) -> None:
+        """Run this rank's actions over the step's micro-batches ([B, S+1] tokens each, the same
+        on every stage); the loss enters the gradients with weight 1/len(micro_batches)."""
+        if len(micro_batches) != self.schedule.microbatches:
+            raise ValueError(
+                f"{len(micro_batches)} micro-batches: the {self.schedule.name} schedule was built for "
+                f"{self.schedule.microbatches}"
+            )
+        self.tokens = [b[:, :-1] for b in micro_batches]
+        self.targets = [b[:, 1:] for b in micro_batches]
+        self.scale = 1.0 / len(micro_batches)
+        self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # stage input kept for its gradient
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # stage output (the loss on the last stage)
+        self.received: dict[tuple[Kind, int, int], torch.Tensor] = {}
+        self.input_grads: dict[tuple[int, int], torch.Tensor] = {}
+        self.handover: dict[tuple[int, int], torch.Tensor] = {}  # output for the next stage, same rank
+        sends: list[tuple[dist.Work, torch.Tensor]] = []
+        for index, action in enumerate(self.actions):
+            kind, key = action.kind, (action.stage, action.microbatch)
+            if kind in (Kind.RECV_F, Kind.RECV_B):
+                buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
+                dist.irecv(buf, src=self.global_rank[action.peer], group=self.group, tag=self._tag(kind, *key)).wait()
+                self.received[(kind, *key)] = buf
+            elif kind in (Kind.SEND_F, Kind.SEND_B):
+                if kind is Kind.SEND_F:
+                    tensor = self.outputs[key].detach().to(WIRE_DTYPE)
+                else:
+                    tensor = self.input_grads.pop(key).to(WIRE_DTYPE)
+                tag = self._tag(kind, *key)
+                sends.append((dist.isend(tensor, dst=self.global_rank[action.peer], group=self.group, tag=tag), tensor))
+            elif kind is Kind.W:
+                continue  # its B ran the whole backward
+            else:
+                for part in action.parts():
+                    if part.kind is Kind.F:
+                        self._forward(*part.chunk[1:])
+                    else:
+                        self._backward(part.stage, part.microbatch, index)
+        for work, _ in sends:
+            work.wait()
+        if self.inputs or self.outputs or self.received or self.input_grads or self.handover:
+            raise RuntimeError(f"pipeline rank {self.pp_rank}: the step left unconsumed tensors")
+
+    def _device(self) -> torch.device:
+        return self.tokens[0].device
+
+    def _shape(self, microbatch: int) -> tuple[int, int, int]:
+        B, S = self.tokens[microbatch].shape
+        return (B, S, self.hidden_dim)
+
+    def _stage_input(self, stage: int, microbatch: int) -> torch.Tensor | None:
+        if stage == 0:
+            return None
+        if stage - 1 in self.stages:  # the previous stage is on this rank: hand over locally
+            h = self.handover.pop((stage - 1, microbatch))
+        else:
+            h = self.received.pop((Kind.RECV_F, stage, microbatch))
+        return h.detach().requires_grad_()
+
+    def _forward(self, stage: int, microbatch: int) -> None:
+        h_in = self._stage_input(stage, microbatch)
+        out = self.stage_fn(stage, self.tokens[microbatch], h_in)
+        if stage == self.last_stage:
+            out = self.loss_fn(out, self.targets[microbatch]) * self.scale
+        elif stage + 1 in self.stages:
+            self.handover[(stage, microbatch)] = out
+        if h_in is not None:
+            self.inputs[(stage, microbatch)] = h_in
+        self.outputs[(stage, microbatch)] = out
+
+    def _backward(self, stage: int, microbatch: int, index: int) -> None:
+        for unit, last_index in self._sync_plan:
+            unit.set_requires_gradient_sync(index == last_index, recurse=False)
+        out = self.outputs.pop((stage, microbatch))
+        if stage == self.last_stage:
+            torch.autograd.backward(out)
+        else:
+            if stage + 1 in self.stages:
+                grad = self.input_grads.pop((stage + 1, microbatch))
+            else:
+                grad = self.received.pop((Kind.RECV_B, stage, microbatch))
+            torch.autograd.backward(out, grad.to(out.dtype))
+        h_in = self.inputs.pop((stage, microbatch), None)
+        if h_in is not None:
+            self.input_grads[(stage, microbatch)] = h_in.grad if h_in.grad is not None else torch.zeros_like(h_in)
+
+    @torch.no_grad()
+    def forward_only(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The model's outputs for `tokens_BS` (evaluation: no loss, no gradients), stage by stage
+        in order; -> the last stage's outputs on the rank that holds it, None elsewhere."""
+        ranks = self.schedule.stage_ranks[0]
+        h, sends = None, []
+        shape = (*tokens_BS.shape, self.hidden_dim)
+        for stage, rank in enumerate(ranks):
+            prev = ranks[stage - 1] if stage > 0 else rank
+            if rank != self.pp_rank:
+                if prev == self.pp_rank and h is not None:  # hand this rank's output on
+                    tensor = h.to(WIRE_DTYPE)
+                    sends.append(dist.isend(tensor, dst=self.global_rank[rank], group=self.group, tag=stage))
+                h = None
+                continue
+            if stage > 0 and prev != self.pp_rank:
+                h = torch.empty(shape, dtype=WIRE_DTYPE, device=tokens_BS.device)
+                dist.recv(h, src=self.global_rank[prev], group=self.group, tag=stage)
+            h = self.stage_fn(stage, tokens_BS, h)
+        for work in sends:
+            work.wait()
+        return h if ranks[-1] == self.pp_rank else None

@@ -1,0 +1,50 @@
+"""A rank's pipeline stages cut from the whole model: the pieces each of its stages runs, the
+model pruned to them (parameter names unchanged, so checkpoints move between pp), its FSDP units.
+
+Works on any model with the transformer's attribute names (embed, layers keyed "0".., norm,
+head, mtp); it never imports the framework.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from parallel.pipeline.stage_cut import StagePlan
+
+
+def rank_stage_pieces(plan: StagePlan, rank: int) -> dict[int, frozenset[str]]:
+    """stage -> the piece names it runs ("embed", "layers.i", "head", "mtp.k"), for the stages
+    `rank` holds (direction 0: the schedules run here have one model copy)."""
+    if len(plan.stage_ranks) != 1:
+        raise ValueError(f"pipeline schedule {plan.schedule!r}: two model copies are not supported by the runtime")
+    return {s: frozenset(plan.stages[s]) for s, r in enumerate(plan.stage_ranks[0]) if r == rank}
+
+
+def keep_pieces(model: nn.Module, pieces: frozenset[str]) -> None:
+    """Delete from `model` (on the meta device, before sharding) every piece not in `pieces`;
+    what stays keeps its name. The final norm and the MTP modules go with the head; the
+    embedding stays where the MTP modules are (they embed the next tokens)."""
+    for name in list(model.layers.keys()):
+        if f"layers.{name}" not in pieces:
+            del model.layers[name]
+    if "head" not in pieces:
+        model.norm = None
+        model.head = None
+        model.mtp = nn.ModuleList()
+    if "embed" not in pieces and not ("head" in pieces and len(model.mtp) > 0):
+        model.embed = None
+
+
+def fsdp_units(model: nn.Module, pieces: frozenset[str]) -> list[nn.Module]:
+    """The FSDP-wrapped modules whose parameters a stage of `pieces` uses (its blocks with their
+    experts, its MTP modules, and the root, which holds the embedding, final norm and head)."""
+    subtrees: list[nn.Module] = []
+    for name in sorted(pieces):
+        if name.startswith("layers."):
+            subtrees.append(model.layers[name.removeprefix("layers.")])
+    if "head" in pieces:
+        subtrees.extend(model.mtp)
+    units = [m for tree in subtrees for m in tree.modules() if hasattr(m, "set_requires_gradient_sync")]
+    if ("embed" in pieces or "head" in pieces) and hasattr(model, "set_requires_gradient_sync"):
+        units.append(model)
+    return units

@@ -8,9 +8,11 @@ reductions such as `.sum()` produce.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from parallel.compat import grouped_mm_supported
+
+__all__ = ["grouped_mm", "grouped_mm_supported", "looped_mm"]
 
 
 def looped_mm(x_ND: torch.Tensor, w_EDH: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -20,23 +22,6 @@ def looped_mm(x_ND: torch.Tensor, w_EDH: torch.Tensor, offsets_E: torch.Tensor) 
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     outs = [x @ w for x, w in zip(x_ND.split(counts), w_EDH.unbind(0), strict=True)]
     return torch.cat(outs) if outs else x_ND.new_zeros(0, w_EDH.shape[-1])
-
-
-@functools.cache
-def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
-    """Probe `_grouped_mm` once per device/dtype: it exists only in recent torch builds,
-    and on CUDA only for some dtypes and architectures."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        x = torch.ones(32, 16, device=device_type, dtype=dtype)
-        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype)
-        offs = torch.tensor([16, 32], device=device_type, dtype=torch.int32)
-        y = torch._grouped_mm(x, w, offs=offs)
-        gw = torch._grouped_mm(x.t(), y, offs=offs)
-        return bool(torch.allclose(y.float(), torch.full_like(y, 16).float())) and gw.shape == (2, 16, 16)
-    except (RuntimeError, NotImplementedError):
-        return False
 
 
 class _GroupedMM(torch.autograd.Function):

@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.compat import register_pytree_dataclass
 
+
+@register_pytree_dataclass  # FSDP2 must see these tensors to re-gather the router's weight for backward
 @dataclass(frozen=True)
 class Routing:
     topk_idx_TK: torch.Tensor  # chosen expert per token and slot

@@ -80,6 +80,8 @@ class TrainConfig:
     micro_batch_size: int = 4
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto: CUDA + NCCL where a GPU is visible, else CPU + gloo | cpu | cuda
+    compile: bool = False  # torch.compile each transformer block (and MTP module)
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4
@@ -108,6 +110,7 @@ class LauncherConfig:
     # many seconds (its own default is 30, short for a big model's save). Keep it below the
     # lead time of SLURM's --signal.
     stop_timeout_s: int = 120
+    gpu_memory_gb: float = 80  # memory of one GPU, what `moe-launch plan` checks a layout against
 
 
 class CheckpointConfig:

@@ -290,7 +290,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="RUN_DIR/config.yaml written by moe-launch")
     args = parser.parse_args()
     cfg = load_run_config(args.config)
-    ctx = init_distributed(cfg.train.collective_timeout_s)
+    ctx = init_distributed(cfg.train.collective_timeout_s, cfg.train.device)
     try:
         trainer = Trainer(cfg, ctx)
     except NoCheckpointError as err:

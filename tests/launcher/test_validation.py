@@ -4,7 +4,7 @@ import pytest
 
 from launcher.cli import main
 
-SYNTH = ["data=synthetic"]
+SYNTH = ["data=synthetic", "train.device=cpu"]  # CPU process limits, also on a GPU node
 
 BAD = [
     # (overrides, text the one-line message must contain)
@@ -24,6 +24,8 @@ BAD = [
     (["train.steps=0"], "train.steps=0"),
     (["train.steps=1.5"], "train.steps"),
     (["train.precision=fp16"], "allowed: fp32, bf16"),
+    (["train.device=tpu"], "train.device=tpu: allowed: auto, cpu, cuda"),
+    (["launcher.gpu_memory_gb=0"], "launcher.gpu_memory_gb=0"),
     (["train.micro_batch_size=5"], "train.micro_batch_size=5"),
     (["train.global_batch_size=15"], "train.global_batch_size=15"),
     (["launcher.nproc_per_node=1000"], "launcher.nproc_per_node=1000"),
@@ -78,3 +80,21 @@ def test_valid_overrides_pass_validation(capsys, tmp_path):
     code = main(["train", *SYNTH, "--dry-run", "model.num_experts=16", "model.n_groups=4", "+extra.note=hi"])
     assert code == 0
     assert "num_experts: 16" in capsys.readouterr().out
+
+
+def test_device_switch_decides_what_the_process_count_is_checked_against(monkeypatch, capsys):
+    """On a GPU node the process count is checked against the GPUs, unless train.device=cpu
+    asks for gloo ranks on the CPU; train.device=cuda needs a GPU."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # this node shows one GPU
+    assert main(["train", "data=synthetic", "launcher.nproc_per_node=2", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "moe-launch: error: launcher.nproc_per_node=2: allowed: 1..1 (1 GPUs on this node); "
+        "train.device=cpu runs CPU processes"
+    )
+    assert main(["train", "data=synthetic", "launcher.nproc_per_node=2", "train.device=cpu", "--dry-run"]) == 0
+    assert main(["train", "data=synthetic", "launcher.nproc_per_node=1", "train.device=cuda", "--dry-run"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU
+    assert main(["train", "data=synthetic", "launcher.nproc_per_node=1", "train.device=cuda", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("moe-launch: error: train.device=cuda: no GPU is visible on this node")

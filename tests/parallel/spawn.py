@@ -21,7 +21,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str
     torch.set_num_threads(1)
     from framework.distributed import init_distributed
 
-    init_distributed()
+    init_distributed(device="cpu")  # gloo ranks, also where a GPU is visible
     result = fn(rank, world, *args)
     if rank == 0:
         torch.save(result, out)

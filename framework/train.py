@@ -19,9 +19,11 @@ from framework.config import load_run_config
 from framework.data.build import build_data
 from framework.distributed import DistContext, init_distributed, shutdown
 from framework.flops import measure_peak_flops, train_flops_per_token
+from framework.host_sync import step_flags
 from framework.metrics import MetricsLogger
 from framework.model.transformer import ModelArgs, MoETransformer
 from framework.optim import build_lr_scheduler, build_optimizer
+from parallel.compile import apply_compile
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp
 from parallel.grad_clip import clip_grad_norm
@@ -61,6 +63,8 @@ class Trainer:
         self.model.to(ctx.device)
         ep_per_node = p.ep_per_node or cfg.launcher.nproc_per_node
         apply_expert_parallel(self.model, self.expert_mesh, ep_per_node)
+        if cfg.train.compile:
+            apply_compile(self.model)
         apply_fsdp(self.model, dp_mesh(self.mesh), expert_dp_mesh(self.expert_mesh), cfg.train.precision)
         expert_ids = {id(p) for m in self.model.moe_layers() for p in m.experts.parameters()}
         self.expert_params = [p for p in self.model.parameters() if id(p) in expert_ids]
@@ -102,15 +106,14 @@ class Trainer:
         grad_norm = clip_grad_norm(self.dense_params, self.expert_params, self.cfg.optim.grad_clip, self.ctx.device)
         # One small all-reduce carries both "someone saw a non-finite loss" and "someone got
         # SIGTERM", so every rank takes the same branch.
-        flags = torch.tensor(
-            [float(not torch.isfinite(loss_sum) or not torch.isfinite(grad_norm)), float(self.stop_requested)],
-            device=self.ctx.device,
-        )
+        flags = step_flags(loss_sum, grad_norm, self.stop_requested)
         dist.all_reduce(flags)
+        # The step's one host sync, kept: every rank must take the same branch now.
+        non_finite, stop = flags.tolist()
         # Not stop_requested itself: a signal landing after this all-reduce on one rank only
         # would send that rank into save() while the others train on (a collective mismatch).
-        self.stop_agreed = bool(flags[1] > 0)
-        if flags[0] > 0:
+        self.stop_agreed = stop > 0
+        if non_finite > 0:
             self.optimizer.zero_grad(set_to_none=True)
             for moe in self.model.moe_layers():
                 moe.tokens_per_expert.zero_()
@@ -175,6 +178,7 @@ class Trainer:
         compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         peak = torch.tensor(measure_peak_flops(ctx.device, compute_dtype), device=ctx.device)
         dist.all_reduce(peak)  # the whole job's measured peak
+        peak_flops = peak.item()  # once, before the loop
         self.log_start()
 
         if self.resumed_from is not None:
@@ -205,7 +209,7 @@ class Trainer:
                 stats[:2] /= ctx.world_size
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = tokens_per_step * window_steps / elapsed
-                record.update(self.step_record(stats, tokens_per_s, flops_per_token, peak.item()))
+                record.update(self.step_record(stats, tokens_per_s, flops_per_token, peak_flops))
                 self.logger.progress(record)
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()

@@ -49,6 +49,9 @@ def _aligned(x_ND: torch.Tensor, w_EDH: torch.Tensor) -> bool:
     return all(n * size % 16 == 0 for n in (x_ND.shape[-1], w_EDH.shape[-1], w_EDH.shape[-2]))
 
 
+# Eager even inside a torch.compile'd block: the probe must really run, and torch 2.13's
+# tracing kernel for `_grouped_mm` accepts only bf16 while its CPU kernel also runs fp32.
+@torch.compiler.disable
 def grouped_mm(x_ND: torch.Tensor, w_EDH: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """x (tokens sorted by expert) @ w[expert of each row]; offsets are cumulative row ends."""
     if x_ND.dtype == w_EDH.dtype and grouped_mm_supported(x_ND.device.type, x_ND.dtype) and _aligned(x_ND, w_EDH):

@@ -8,7 +8,7 @@ from torch import nn
 from framework.model.ffn import SwiGLU
 from framework.model.moe.experts import GroupedExperts
 from framework.model.moe.router import Router, sequence_aux_loss
-from parallel.token_dispatch import LocalDispatcher, TokenDispatcher
+from parallel.token_dispatch import LocalDispatcher, TokenDispatcher, count_per_expert
 
 
 class MoE(nn.Module):
@@ -41,9 +41,9 @@ class MoE(nn.Module):
         routing = self.router(x_TD)
         if self.training:  # evaluation must not move the load-balancing bias
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(
-                    routing.topk_idx_TK.reshape(-1), minlength=self.num_experts
-                ).to(self.tokens_per_expert)
+                self.tokens_per_expert += count_per_expert(routing.topk_idx_TK.reshape(-1), self.num_experts).to(
+                    self.tokens_per_expert
+                )
         x_ND, tokens_per_expert, meta = self.dispatcher.dispatch(x_TD, routing.topk_idx_TK, self.num_experts)
         y_ND = self.experts(x_ND, tokens_per_expert)
         out_TD = self.dispatcher.combine(y_ND, meta, routing.topk_weights_TK)

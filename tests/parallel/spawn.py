@@ -14,14 +14,14 @@ import torch.multiprocessing as mp
 from framework.distributed import free_port
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str, device: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
     from framework.distributed import init_distributed
 
-    init_distributed(device="cpu")  # gloo ranks, also where a GPU is visible
+    init_distributed(device=device)  # cpu: gloo ranks, also where a GPU is visible
     result = fn(rank, world, *args)
     if rank == 0:
         torch.save(result, out)
@@ -30,14 +30,15 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str
     os._exit(0)  # gloo threads can abort the interpreter at exit (framework.distributed.shutdown)
 
 
-def run_workers(fn: Callable, world: int, *args, timeout: float = 300) -> object:
+def run_workers(fn: Callable, world: int, *args, timeout: float = 300, device: str = "cpu") -> object:
     """Run fn(rank, world, *args) on `world` processes; -> what rank 0 returned.
-    fn must be a module-level function (spawn pickles it) and return tensors/plain data."""
+    fn must be a module-level function (spawn pickles it) and return tensors/plain data.
+    device: cpu (gloo) or cuda (NCCL, one GPU per rank)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.pt")
         ctx = mp.get_context("spawn")
         port = free_port()
-        procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out)) for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out, device)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:

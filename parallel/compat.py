@@ -31,10 +31,8 @@ def register_pytree_dataclass(cls: T) -> T:
     which treats an unregistered dataclass as one opaque leaf: the unit then has no hook,
     its weight stays freed after forward, and backward fails with "setStorage: ... storage
     of size 0". Registered, the dataclass flattens into its fields on every version."""
-    try:
+    if cls not in pytree.SUPPORTED_NODES:  # once: a module imported again must not re-register
         pytree.register_dataclass(cls)
-    except ValueError:  # already registered (a module re-imported): nothing to do
-        pass
     return cls
 
 

@@ -70,6 +70,7 @@ if train:
 EOF
 }
 train_detail() { run_metrics "$CURRENT_RUN" || first_error "$1"; }
+profile_detail() { grep -A3 '^# where the' "$1" | tail -3 | tr -s ' ' | paste -sd ';' || first_error "$1"; }
 resume_detail() { grep -m1 -o 'resumed from .*' "$1" | sed "s|$WORK/||" || first_error "$1"; }
 
 COMMON=(data=synthetic logging.wandb.mode=disabled "train.device=$DEVICE" launcher.nproc_per_node=1
@@ -123,6 +124,10 @@ step "bf16 3.7B (MFU)" "$TRAIN_LIMIT" train_detail "${TRAIN[@]}" config=deepseek
 step "matmul peak" 60 cat "$PY" -c "import torch; from framework.flops import PEAK_MATMUL_SIZE as N, \
 measure_peak_flops as m; d = torch.device('$DEVICE'); n = N[d.type]; \
 print(f'{n}^3 bf16: {m(d, torch.bfloat16) / 1e12:.1f} TFLOP/s')"
+
+# Where a deepseek_small step's time goes (the op table is in the log).
+step "profile a step" 90 profile_detail "$PY" scripts/profile_step.py config=deepseek_small "${COMMON[@]}" \
+    "${SMALL[@]}" --warmup 2 --steps 2
 
 {
     printf '%-22s %-7s %6s  %s\n' check result time detail

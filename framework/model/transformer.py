@@ -17,6 +17,7 @@ from framework.model.ffn import SwiGLU
 from framework.model.moe.layer import MoE
 from framework.model.norm import RMSNorm
 from framework.model.rope import rope_table
+from parallel.compat import register_pytree_dataclass
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ModelArgs:
         return cls(**{k: model_cfg[k] for k in names if k in model_cfg})
 
 
+@register_pytree_dataclass  # the root FSDP unit's output: FSDP2 must see `loss` to hook its backward
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # what backward() runs on

@@ -93,6 +93,13 @@ def _router_unit_events(rank: int, world: int, cfg_yaml: str) -> dict:
         moe.router.register_forward_hook(forward_done)  # after FSDP's own post-forward (reshard)
         state._pre_backward = pre_backward  # the bound method FSDP hangs on the output tensors
         group.post_backward = post_backward  # reduce-scatters the router's gradient
+    root = trainer.model._get_fsdp_state()
+
+    def root_pre_backward(grad, original=root._pre_backward):
+        events.append(("pre_backward", "root", True))
+        return original(grad)
+
+    root._pre_backward = root_pre_backward  # hung on LossOutput.loss, a dataclass field too
     loss, _ = trainer.train_step()
     return {"events": events, "layers": len(trainer.model.moe_layers()), "loss": loss.item()}
 
@@ -101,7 +108,8 @@ def test_bf16_router_unit_regathers_its_weight_before_backward(tmp_path):
     """Regression (bf16 crashed in the first backward on torch 2.11: "setStorage ... storage
     of size 0"): the router is its own fp32 FSDP unit and returns a Routing dataclass. With
     the output searched as torch 2.11 does, each router unit must still get its pre-backward
-    hook: resharded after forward, unsharded again by its pre-backward, then reduced."""
+    hook: resharded after forward, unsharded again by its pre-backward, then reduced. The
+    root unit returns a LossOutput dataclass: its pre-backward must run too."""
     cfg = make_config(tmp_path, 1, ["train.precision=bf16", "train.global_batch_size=1"])
     result = run_workers(_router_unit_events, 1, OmegaConf.to_yaml(cfg))
     assert result["layers"] == 3  # two MoE blocks and the MTP module's
@@ -110,4 +118,5 @@ def test_bf16_router_unit_regathers_its_weight_before_backward(tmp_path):
         # One pre-backward call per routing tensor that reaches the loss (gate weights, scores).
         steps = [e for j, e in enumerate(mine) if j == 0 or e != mine[j - 1]]
         assert steps == [("forward", False), ("pre_backward", True), ("post_backward", True)], mine
+    assert ("pre_backward", "root", True) in result["events"]
     assert torch.isfinite(torch.tensor(result["loss"]))

@@ -86,7 +86,7 @@ def test_device_switch_decides_what_the_process_count_is_checked_against(monkeyp
     """On a GPU node the process count is checked against the GPUs, unless train.device=cpu
     asks for gloo ranks on the CPU; train.device=cuda needs a GPU."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # this node shows one GPU
-    assert main(["train", "data=synthetic", "launcher.nproc_per_node=2", "--dry-run"]) == 2
+    assert main(["train", "data=synthetic", "launcher.nproc_per_node=2", "train.device=auto", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
         "moe-launch: error: launcher.nproc_per_node=2: allowed: 1..1 (1 GPUs on this node); "

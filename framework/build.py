@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from framework.model.args import ModelArgs
 from framework.model.transformer import MoETransformer
+from parallel.compile import apply_compile
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import dp_mesh, expert_dp_mesh
@@ -27,6 +28,7 @@ def build_sharded_model(
     device: torch.device,
     ep_per_node: int,
     keep_pieces: frozenset[str] | None = None,
+    compile_blocks: bool = False,
 ) -> tuple[MoETransformer, int]:
     """-> (the sharded, initialised model, the whole model's parameter count). With
     `keep_pieces` (pipeline parallelism) only this rank's stages stay, names unchanged."""
@@ -36,6 +38,8 @@ def build_sharded_model(
     if keep_pieces is not None:
         keep_stage_pieces(model, keep_pieces)
     apply_expert_parallel(model, expert_mesh, ep_per_node)
+    if compile_blocks:  # train.compile: each block's forward, names and FSDP hooks unchanged
+        apply_compile(model)
     apply_fsdp(model, dp_mesh(mesh), expert_dp_mesh(expert_mesh), precision)
     model.to_empty(device=device)
     model.init_weights(seed)

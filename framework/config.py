@@ -52,6 +52,8 @@ class TrainConfig:
     micro_batch_size: int = 4
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto: CUDA + NCCL where a GPU is visible, else CPU + gloo | cpu | cuda
+    compile: bool = False  # torch.compile each transformer block (and MTP module)
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4

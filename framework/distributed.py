@@ -1,7 +1,8 @@
 """Process-group setup for a rank started by torchrun: device and backend picked for it.
 
-CUDA + NCCL where a GPU is visible, CPU + gloo otherwise; a single process without
-torchrun's environment runs as a world of one.
+train.device picks it: cuda (CUDA + NCCL), cpu (CPU + gloo, even where a GPU is visible),
+or auto (CUDA where a GPU is visible, else CPU). A single process without torchrun's
+environment runs as a world of one.
 """
 
 from __future__ import annotations
@@ -28,16 +29,24 @@ class DistContext:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: int = 600) -> DistContext:
+def pick_device(requested: str, local_rank: int) -> tuple[torch.device, str]:
+    """-> (this rank's device, process-group backend) for train.device = auto | cpu | cuda."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device={requested}: allowed: auto, cpu, cuda")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu"), "gloo"
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda: this process sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
+
+
+def init_distributed(timeout_s: int = 600, device: str = "auto") -> DistContext:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    torch_device, backend = pick_device(device, local_rank)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
     if "MASTER_ADDR" not in os.environ:  # a plain `python -m framework.train`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -46,9 +55,9 @@ def init_distributed(timeout_s: int = 600) -> DistContext:
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
-        device_id=device if backend == "nccl" else None,
+        device_id=torch_device if backend == "nccl" else None,
     )
-    return DistContext(rank, world, local_rank, device)
+    return DistContext(rank, world, local_rank, torch_device)
 
 
 def free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -26,20 +27,33 @@ def train_flops_per_token(m) -> float:
     return 6.0 * active_matmul_params(m) + 6.0 * layers * m.seq_len * m.dim
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """Best sustained FLOP/s of one large matmul: the measured peak that MFU divides by."""
-    n = 4096 if device.type == "cuda" else 1024
+# The matmul MFU divides by: 8192^3 on a GPU (what a GPU's peak is quoted and measured at),
+# 1024^3 on CPU, where an 8192^3 product takes many seconds per rank (a CPU's mfu is a
+# rough guide only).
+PEAK_MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
+
+
+@functools.cache
+def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Sustained FLOP/s of one n^3 matmul in the compute dtype (n from PEAK_MATMUL_SIZE):
+    the mean over timed runs after warm-up, measured once per device and dtype."""
+    n = PEAK_MATMUL_SIZE.get(device.type, PEAK_MATMUL_SIZE["cpu"])
+    warmup, timed = (3, 10) if device.type == "cuda" else (1, 3)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    for i in range(100):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    for _ in range(warmup):
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
-        if i >= 2 and time.perf_counter() > deadline:
-            break
-    return best
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(timed):
+            a @ b
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        begin = time.perf_counter()
+        for _ in range(timed):
+            a @ b
+        seconds = time.perf_counter() - begin
+    return 2 * n**3 * timed / seconds

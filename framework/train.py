@@ -21,6 +21,7 @@ from framework.data.build import build_data
 from framework.distributed import DistContext, init_distributed, shutdown
 from framework.exit_codes import CONFIG_ERROR_EXIT_CODE, NON_FINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 from framework.flops import measure_peak_flops, train_flops_per_token
+from framework.host_sync import step_flags
 from framework.loss import TrainingLoss, token_cross_entropy
 from framework.metrics import MetricsLogger
 from framework.model.args import ModelArgs
@@ -78,6 +79,7 @@ class Trainer:
             ctx.device,
             p.ep_per_node or cfg.launcher.nproc_per_node,
             keep_pieces=keep,
+            compile_blocks=cfg.train.compile,
         )
         expert_ids = {id(p) for m in self.model.moe_layers() for p in m.experts.parameters()}
         self.expert_params = [p for p in self.model.parameters() if id(p) in expert_ids]
@@ -192,18 +194,14 @@ class Trainer:
         )
         # One small all-reduce carries both "someone saw a non-finite loss" and "someone got
         # SIGTERM", so every rank takes the same branch.
-        flags = torch.stack(
-            [
-                (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float(),
-                torch.tensor(float(self.stop_requested), device=self.ctx.device),
-            ]
-        )
+        flags = step_flags(loss, grad_norm, self.stop_requested)
         dist.all_reduce(flags, group=self.groups.world)
-        flags = flags.tolist()  # host sync: the branch below must be the same on every rank
+        # The step's one host sync, kept: every rank must take the same branch now.
+        non_finite, stop = flags.tolist()
         # Not stop_requested itself: a signal landing after this all-reduce on one rank only
         # would send that rank into save() while the others train on (a collective mismatch).
-        self.stop_agreed = flags[1] > 0
-        self.last_step_skipped = flags[0] > 0
+        self.stop_agreed = stop > 0
+        self.last_step_skipped = non_finite > 0
         if self.last_step_skipped:
             self.optimizer.zero_grad(set_to_none=True)
             self.load_balancer.discard()
@@ -264,6 +262,7 @@ class Trainer:
         compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         peak = torch.tensor(measure_peak_flops(ctx.device, compute_dtype), device=ctx.device)
         dist.all_reduce(peak, group=self.groups.world)  # the whole job's measured peak
+        peak_flops = peak.item()  # once, before the loop
         self.log_start()
 
         if self.resumed_from is not None:
@@ -303,7 +302,7 @@ class Trainer:
                     dist.all_reduce(stats[1:], group=self.groups.pp)
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = tokens_per_step * (window_steps + window_skipped) / elapsed
-                record.update(self.step_record(stats, grad_norm, tokens_per_s, flops_per_token, peak.item()))
+                record.update(self.step_record(stats, grad_norm, tokens_per_s, flops_per_token, peak_flops))
                 if window_skipped:
                     record["skipped_steps"] = window_skipped
                 self.logger.progress(record)
@@ -412,7 +411,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="RUN_DIR/config.yaml written by moe-launch")
     args = parser.parse_args()
     cfg = load_run_config(args.config)
-    ctx = init_distributed(cfg.train.collective_timeout_s)
+    ctx = init_distributed(cfg.train.collective_timeout_s, cfg.train.device)
     try:
         trainer = Trainer(cfg, ctx)
     except NoCheckpointError as err:

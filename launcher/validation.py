@@ -36,6 +36,7 @@ LAUNCHERS = ("local", "slurm")
 WANDB_MODES = ("disabled", "offline", "online")
 ON_NAN = ("stop", "skip")
 RESUME_MODES = ("auto", "never", "overwrite")
+DEVICES = ("auto", "cpu", "cuda")
 CPU_PROCS_FLOOR = 8  # gloo tests run up to 8 ranks even on a 2-core machine
 
 
@@ -244,14 +245,24 @@ def validate_launcher(cfg: DictConfig, on_this_machine: bool = True) -> None:
     _require(
         launch.nnodes == 1, "launcher.nnodes", launch.nnodes, "the local launcher runs on this one node; allowed: 1"
     )
-    gpus = local_gpu_count()
+    _one_of("train.device", cfg.train.device, DEVICES)
+    _positive(launch, "launcher", "gpu_memory_gb")
+    # train.device=cpu runs gloo ranks on the CPU even where GPUs are visible.
+    gpus = 0 if cfg.train.device == "cpu" else local_gpu_count()
+    _require(
+        gpus > 0 or cfg.train.device != "cuda",
+        "train.device",
+        cfg.train.device,
+        "no GPU is visible on this node (nvidia-smi, CUDA_VISIBLE_DEVICES); allowed: auto, cpu",
+    )
     limit = gpus if gpus else max(CPU_PROCS_FLOOR, os.cpu_count() or 1)
     what = f"{gpus} GPUs on this node" if gpus else f"at most {limit} CPU processes on this node"
+    hint = "; train.device=cpu runs CPU processes" if gpus else ""
     _require(
         launch.nproc_per_node <= limit,
         "launcher.nproc_per_node",
         launch.nproc_per_node,
-        f"allowed: 1..{limit} ({what})",
+        f"allowed: 1..{limit} ({what}){hint}",
     )
 
 

@@ -1,13 +1,80 @@
-"""Feature checks for what differs between the supported torch releases, in one place."""
+"""Every check for a torch feature that differs across the supported range (2.11 to 2.15).
+
+Feature detection, never version strings: each check asks torch whether the thing exists
+or runs. Everything else imports these helpers instead of probing torch on its own.
+
+What was compared (torch 2.11.0 and 2.13.0 sources): FSDP2's search for a unit's output
+tensors (2.11 uses `tree_flatten`, which skips unregistered dataclasses; 2.13 walks
+dataclasses too), `torch._grouped_mm` (a private op whose CPU/CUDA kernels depend on the
+build), FSDP2's divide-factor and forced-SUM reduction (present and identical in both), and
+the device-mesh, DTensor, functional-collective and DCP staging APIs this package uses
+(present and identical in both, so they need no check).
+"""
 
 from __future__ import annotations
 
-from torch.distributed.tensor import DTensor
+import functools
+from typing import TypeVar
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+T = TypeVar("T", bound=type)
 
 
-def local_shape_and_global_offset(param: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(local shape, global offset) of this rank's shard of `param`, strided FSDP-over-EP
-    shards included. The helper is private in torch (2.4 onwards, same signature)."""
+def register_pytree_dataclass(cls: T) -> T:
+    """Make a dataclass a pytree node, so every torch version sees the tensors inside it.
+
+    FSDP2 hangs its pre-backward hook (the re-gather of a unit's weights before the unit's
+    backward) on the output tensors it finds. torch 2.11 finds them with `tree_flatten`,
+    which treats an unregistered dataclass as one opaque leaf: the unit then has no hook,
+    its weight stays freed after forward, and backward fails with "setStorage: ... storage
+    of size 0". Registered, the dataclass flattens into its fields on every version."""
+    if cls not in pytree.SUPPORTED_NODES:  # once: a module imported again must not re-register
+        pytree.register_dataclass(cls)
+    return cls
+
+
+@functools.cache
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Does `torch._grouped_mm` run (forward and the weight-gradient form) for this device
+    and dtype? It is private: it exists only in recent builds, and its CPU and CUDA kernels
+    cover different dtypes and GPU architectures. Probed once per device/dtype."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.ones(32, 16, device=device_type, dtype=dtype)
+        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype)
+        offs = torch.tensor([16, 32], device=device_type, dtype=torch.int32)
+        y = torch._grouped_mm(x, w, offs=offs)
+        gw = torch._grouped_mm(x.t(), y, offs=offs)
+        return bool(torch.allclose(y.float(), torch.full_like(y, 16).float())) and gw.shape == (2, 16, 16)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def set_gradient_divide_factor(module: nn.Module, factor: float, shard_group_size: int) -> None:
+    """Divide an FSDP2 unit's reduced gradients by `factor` instead of its own group size.
+
+    A custom factor makes FSDP2 reduce with PREMUL_SUM, which gloo lacks; forced SUM then
+    divides after the collective instead. Not on a 1-rank shard group: there FSDP2 (2.11 to
+    2.13 at least) divides once while copying (no collective runs) and again after, so the
+    gradient would be divided twice; without forced SUM no collective needs PREMUL_SUM."""
+    for name in ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms"):
+        if not hasattr(module, name):
+            raise RuntimeError(
+                f"this torch ({torch.__version__}) has no FSDPModule.{name}; moe-launch supports torch 2.11 to 2.15"
+            )
+    module.set_gradient_divide_factor(float(factor))
+    if shard_group_size > 1:
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def local_shape_and_global_offset(param) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset) of this rank's shard of the DTensor `param`, strided
+    FSDP-over-EP shards included. The helper is private in torch (2.4 onwards, same signature
+    in 2.11 and 2.13); sharded init (parallel/sharded_init.py) is its one user."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)

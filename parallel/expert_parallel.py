@@ -19,7 +19,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from parallel.token_dispatch import DispatchMeta, weighted_sum_to_tokens
+from parallel.token_dispatch import DispatchMeta, count_per_expert, weighted_sum_to_tokens
 
 
 @dataclass(frozen=True)
@@ -43,19 +43,20 @@ class AllToAllDispatcher:
         # Experts are laid out rank by rank, so sorting by expert also sorts by destination.
         order_N = torch.argsort(expert_N, stable=True)
         x_ND = x_TD.index_select(0, order_N // K)
-        counts_E = torch.bincount(expert_N, minlength=num_experts)
+        counts_E = count_per_expert(expert_N, num_experts)
         # recv_counts[s, j]: rows source rank s sends to my local expert j.
         recv_counts = torch.empty_like(counts_E)  # [R x L], flat
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         counts_RL, recv_RL = counts_E.view(self.ep_size, local), recv_counts.view(self.ep_size, local)
-        # Host synchronisation: the split sizes must be Python ints for the all-to-all.
-        send_splits, recv_splits = counts_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
+        # Host sync, kept: all_to_all_single needs the split sizes on the host. One read for both.
+        send_splits, recv_splits = torch.stack([counts_RL.sum(1), recv_RL.sum(1)]).tolist()
         self._count_cross_node(send_splits)
 
         x_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.group)
         # Received rows come as (source rank, local expert) blocks; the grouped GEMM wants
         # them as (local expert, source rank).
-        block_M = torch.repeat_interleave(torch.arange(self.ep_size * local, device=x_MD.device), recv_RL.reshape(-1))
+        blocks = torch.arange(self.ep_size * local, device=x_MD.device)
+        block_M = torch.repeat_interleave(blocks, recv_RL.reshape(-1), output_size=sum(recv_splits))
         source, expert = block_M // local, block_M % local
         regroup_M = torch.argsort(expert * self.ep_size + source, stable=True)
         meta = AllToAllMeta(order_N, T, K, send_splits, recv_splits, regroup_M)

@@ -13,6 +13,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from parallel.compat import set_gradient_divide_factor
+
 FP32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 BF16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
@@ -24,12 +26,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh
         fully_shard(moe.experts, mesh=expert_dp_mesh, mp_policy=compute)
         # Each expert's gradient sums the contributions of every data-parallel rank
         # (through the all-to-all), so divide by all dp ranks, not just its own mesh.
-        moe.experts.set_gradient_divide_factor(float(dp_size))
-        if expert_dp_mesh.size(1) > 1:
-            # gloo has no PREMUL_SUM, so reduce with SUM and divide after. Not on a 1-rank
-            # shard group: torch 2.13 then divides there and again after (twice).
-            moe.experts.set_force_sum_reduction_for_comms(True)
+        set_gradient_divide_factor(moe.experts, dp_size, expert_dp_mesh.size(1))
         if precision == "bf16":
+            # Its output (a Routing dataclass) is registered as a pytree node, so FSDP2
+            # hooks its pre-backward re-gather on the routing tensors on every torch.
             fully_shard(moe.router, mesh=dp_mesh, mp_policy=FP32)
     for block in list(model.layers.values()) + list(model.mtp):
         fully_shard(block, mesh=dp_mesh, mp_policy=compute)

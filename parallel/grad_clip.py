@@ -43,9 +43,14 @@ def clip_grad_norm(
         dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
     if max_norm > 0 and math.isfinite(max_norm):
-        coef = min(1.0, max_norm / (total.item() + 1e-6))
-        if coef < 1.0:
-            for p in dense + experts:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        # On the device, no host sync: multiplying by a coefficient of exactly 1 changes nothing.
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        grads = [_local(p.grad) for p in dense + experts if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor gradient (each shard is scaled by the same factor)."""
+    return t.to_local() if hasattr(t, "to_local") else t

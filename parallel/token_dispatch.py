@@ -49,11 +49,18 @@ class LocalDispatcher:
         expert_N = topk_idx_TK.reshape(-1)
         order_N = torch.argsort(expert_N, stable=True)
         x_ND = x_TD.index_select(0, order_N // K)  # its backward is a cheap index_add
-        tokens_per_expert_E = torch.bincount(expert_N, minlength=num_experts)
+        tokens_per_expert_E = count_per_expert(expert_N, num_experts)
         return x_ND, tokens_per_expert_E, DispatchMeta(order_N, T, K)
 
     def combine(self, y_MD, meta, topk_weights_TK):
         return weighted_sum_to_tokens(y_MD, meta, topk_weights_TK)
+
+
+def count_per_expert(expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert, like bincount(minlength=num_experts) but without its host sync
+    (CUDA's bincount reads the max and min back to size its output)."""
+    ones_N = torch.ones_like(expert_N)
+    return torch.zeros(num_experts, dtype=expert_N.dtype, device=expert_N.device).scatter_add_(0, expert_N, ones_N)
 
 
 def weighted_sum_to_tokens(y_ND: torch.Tensor, meta: DispatchMeta, topk_weights_TK: torch.Tensor) -> torch.Tensor:

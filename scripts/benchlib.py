@@ -21,7 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _rank_entry(rank: int, world: int, fn: Callable, args: tuple, out_dir: str, threads: int, timeout_s: float) -> None:
+def _rank_entry(
+    rank: int, world: int, fn: Callable, args: tuple, out_dir: str, threads: int, timeout_s: float, device: str
+) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
     code = 0
@@ -30,7 +32,11 @@ def _rank_entry(rank: int, world: int, fn: Callable, args: tuple, out_dir: str, 
         # process before rank 0 binds it (EADDRINUSE on a busy machine); gloo binds its own.
         store = f"file://{Path(out_dir) / 'store'}"
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timeout)
+        backend = "gloo"
+        if device == "cuda":  # NCCL, one GPU per rank (the GPU checks); cpu: gloo even where a GPU is visible
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            backend = "nccl"
+        dist.init_process_group(backend, init_method=store, rank=rank, world_size=world, timeout=timeout)
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
@@ -43,7 +49,9 @@ def _rank_entry(rank: int, world: int, fn: Callable, args: tuple, out_dir: str, 
     os._exit(code)  # gloo threads can abort the interpreter at exit (framework.distributed.shutdown)
 
 
-def run_ranks(fn: Callable, world: int, *args: object, timeout_s: float = 300, threads: int = 1) -> list:
+def run_ranks(
+    fn: Callable, world: int, *args: object, timeout_s: float = 300, threads: int = 1, device: str = "cpu"
+) -> list:
     """Run fn(rank, world, *args) on `world` spawned processes in one gloo process group, each
     with `threads` compute threads; -> every rank's return value, in rank order.
 
@@ -53,7 +61,7 @@ def run_ranks(fn: Callable, world: int, *args: object, timeout_s: float = 300, t
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.get_context("spawn")
         procs = [
-            ctx.Process(target=_rank_entry, args=(r, world, fn, args, out_dir, threads, timeout_s))
+            ctx.Process(target=_rank_entry, args=(r, world, fn, args, out_dir, threads, timeout_s, device))
             for r in range(world)
         ]
         for p in procs:

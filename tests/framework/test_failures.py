@@ -44,7 +44,8 @@ def test_sigkill_of_one_rank_restarts_and_finishes(tmp_path):
     run_dir = tmp_path / "run"
     steps = 12
     cli = [
-        sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synthetic", "model.seq_len=32",
+        sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synthetic", "train.device=cpu",
+        "model.seq_len=32",
         f"run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1", "train.global_batch_size=4",
         "train.micro_batch_size=2", f"checkpoint.interval={INTERVAL}",
         "launcher.max_restarts=1",  # one restart must be enough: each round gets a fresh store
@@ -119,7 +120,8 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
     cli = [
-        sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synthetic", "model.seq_len=32",
+        sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synthetic", "train.device=cpu",
+        "model.seq_len=32",
         f"run_dir={run_dir}", "train.steps=100000", "train.log_every=1", "train.global_batch_size=4",
         "train.micro_batch_size=2", "checkpoint.interval=1", "checkpoint.keep=100", "logging.wandb.mode=disabled",
     ]  # fmt: skip

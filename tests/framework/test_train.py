@@ -16,7 +16,7 @@ FAKE_KEY = "wandb-test-secret-0123456789abcdef0123456789"
 
 def _train(run_dir: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*CLI, "config=tiny", "data=synthetic", f"run_dir={run_dir}", *overrides],
+        [*CLI, "config=tiny", "data=synthetic", "train.device=cpu", f"run_dir={run_dir}", *overrides],
         capture_output=True,
         text=True,
         timeout=timeout,

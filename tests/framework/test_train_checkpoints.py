@@ -13,8 +13,8 @@ from tests.framework.processes import rank_pids, signal_all
 
 pytestmark = pytest.mark.slow
 
-CLI = [sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synthetic", "model.seq_len=32"]
-SMALL = ["train.global_batch_size=4", "train.micro_batch_size=2", "logging.wandb.mode=disabled"]
+CLI = [sys.executable, "-m", "launcher.cli", "train", "config=tiny", "data=synthetic", "train.device=cpu"]
+SMALL = ["model.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2", "logging.wandb.mode=disabled"]
 
 
 def _start_long_run(run_dir, *overrides: str) -> subprocess.Popen:

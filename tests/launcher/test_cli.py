@@ -3,7 +3,6 @@
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -23,7 +22,17 @@ def test_help_explains_commands_and_config_syntax():
 
 def test_dry_run_prints_torchrun_command_and_config_and_starts_nothing(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    code = main(["train", "config=tiny", "data=synthetic", f"run_dir={run_dir}", "optim.lr=1e-3", "--dry-run"])
+    code = main(
+        [
+            "train",
+            "config=tiny",
+            "data=synthetic",
+            "train.device=cpu",
+            f"run_dir={run_dir}",
+            "optim.lr=1e-3",
+            "--dry-run",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     command, _, config_text = out.partition("\n")
@@ -41,7 +50,7 @@ def test_dry_run_prints_torchrun_command_and_config_and_starts_nothing(capsys, t
 def test_yaml_file_as_config(capsys, tmp_path):
     exp = tmp_path / "my_exp.yaml"
     exp.write_text("defaults:\n  - override /data: synthetic\ntrain:\n  steps: 7\nmodel:\n  num_experts: 4\n")
-    code = main(["train", f"config={exp}", "model.top_k=1", "--dry-run"])
+    code = main(["train", f"config={exp}", "model.top_k=1", "train.device=cpu", "--dry-run"])
     assert code == 0
     cfg = yaml.safe_load(capsys.readouterr().out.partition("\n")[2])
     assert cfg["experiment"] == "my_exp"
@@ -49,8 +58,10 @@ def test_yaml_file_as_config(capsys, tmp_path):
 
 
 def test_bad_value_from_the_console_script_has_no_traceback(tmp_path):
-    exe = shutil.which("moe-launch") or str(Path(sys.executable).parent / "moe-launch")
-    out = subprocess.run([exe, "train", "data=synthetic", "model.top_k=99"], capture_output=True, text=True)
+    # The installed console script where there is one (pip install -e .), else the module it runs.
+    exe = [shutil.which("moe-launch")] if shutil.which("moe-launch") else CLI
+    cmd = [*exe, "train", "data=synthetic", "train.device=cpu", "model.top_k=99"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip() == "moe-launch: error: model.top_k=99: must be <= model.num_experts=8"

@@ -12,7 +12,7 @@ from launcher.run_dir import finalize_paths, write_resolved_config
 from launcher.validation import validate
 from parallel.layout import resolve_layout
 
-SYNTH = ["data=synthetic"]
+SYNTH = ["data=synthetic", "train.device=cpu"]  # CPU process limits, also on a GPU node
 
 BAD = [
     # (overrides, text the one-line message must contain)
@@ -35,6 +35,8 @@ BAD = [
     (["train.steps=0"], "train.steps=0"),
     (["train.steps=1.5"], "train.steps"),
     (["train.precision=fp16"], "allowed: fp32, bf16"),
+    (["train.device=tpu"], "train.device=tpu: allowed: auto, cpu, cuda"),
+    (["launcher.gpu_memory_gb=0"], "launcher.gpu_memory_gb=0"),
     (["train.micro_batch_size=5"], "train.micro_batch_size=5"),
     (["train.global_batch_size=15"], "train.global_batch_size=15"),
     (["launcher.nproc_per_node=1000"], "launcher.nproc_per_node=1000"),
@@ -129,3 +131,21 @@ def test_ranks_start_with_a_string_dp_replicate(tmp_path):
 def test_runnable_pipelines_pass_validation(overrides, capsys):
     code = main(["train", *SYNTH, "--dry-run", "parallel.pp=2", *overrides])
     assert code == 0, capsys.readouterr().err
+
+
+def test_device_switch_decides_what_the_process_count_is_checked_against(monkeypatch, capsys):
+    """On a GPU node the process count is checked against the GPUs, unless train.device=cpu
+    asks for gloo ranks on the CPU; train.device=cuda needs a GPU."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # this node shows one GPU
+    assert main(["train", "data=synthetic", "launcher.nproc_per_node=2", "train.device=auto", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "moe-launch: error: launcher.nproc_per_node=2: allowed: 1..1 (1 GPUs on this node); "
+        "train.device=cpu runs CPU processes"
+    )
+    assert main(["train", "data=synthetic", "launcher.nproc_per_node=2", "train.device=cpu", "--dry-run"]) == 0
+    assert main(["train", "data=synthetic", "launcher.nproc_per_node=1", "train.device=cuda", "--dry-run"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU
+    assert main(["train", "data=synthetic", "launcher.nproc_per_node=1", "train.device=cuda", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("moe-launch: error: train.device=cuda: no GPU is visible on this node")

@@ -19,7 +19,7 @@ PARITY_MODEL = [
     "model.top_k=2", "model.expert_dim=16", "model.first_k_dense=1", "model.n_groups=2",
     "model.topk_groups=1", "model.aux_loss_alpha=0.01", "model.mtp_depth=1", "model.bias_update_speed=0.01",
     "train.global_batch_size=8", "train.micro_batch_size=1", "optim.lr=3e-3", "optim.warmup_steps=0",
-    "data.source=synthetic", "data.synthetic_tokens=20000", "logging.wandb.mode=disabled",
+    "data.source=synthetic", "data.synthetic_tokens=20000", "logging.wandb.mode=disabled", "train.device=cpu",
 ]  # fmt: skip
 
 

@@ -8,9 +8,11 @@ reductions such as `.sum()` produce.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from parallel.compat import grouped_mm_supported
+
+__all__ = ["grouped_mm", "grouped_mm_supported", "looped_mm"]
 
 
 def looped_mm(x_MI: torch.Tensor, w_LIO: torch.Tensor, offsets_L: torch.Tensor) -> torch.Tensor:
@@ -20,23 +22,6 @@ def looped_mm(x_MI: torch.Tensor, w_LIO: torch.Tensor, offsets_L: torch.Tensor) 
     counts = torch.diff(offsets_L, prepend=offsets_L.new_zeros(1)).tolist()
     outs = [x @ w for x, w in zip(x_MI.split(counts), w_LIO.unbind(0), strict=True)]
     return torch.cat(outs) if outs else x_MI.new_zeros(0, w_LIO.shape[-1])
-
-
-@functools.cache
-def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
-    """Probe `_grouped_mm` once per device/dtype: it exists only in recent torch builds,
-    and on CUDA only for some dtypes and architectures."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        x = torch.ones(32, 16, device=device_type, dtype=dtype)
-        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype)
-        offs = torch.tensor([16, 32], device=device_type, dtype=torch.int32)
-        y = torch._grouped_mm(x, w, offs=offs)
-        gw = torch._grouped_mm(x.t(), y, offs=offs)
-        return bool(torch.allclose(y.float(), torch.full_like(y, 16).float())) and gw.shape == (2, 16, 16)
-    except (RuntimeError, NotImplementedError):
-        return False
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -64,6 +49,9 @@ def _aligned(x_MI: torch.Tensor, w_LIO: torch.Tensor) -> bool:
     return all(n * size % 16 == 0 for n in (x_MI.shape[-1], w_LIO.shape[-1], w_LIO.shape[-2]))
 
 
+# Eager even inside a torch.compile'd block: the probe must really run, and torch 2.13's
+# tracing kernel for `_grouped_mm` accepts only bf16 while its CPU kernel also runs fp32.
+@torch.compiler.disable
 def grouped_mm(x_MI: torch.Tensor, w_LIO: torch.Tensor, offsets_L: torch.Tensor) -> torch.Tensor:
     """x (tokens sorted by expert) @ w[expert of each row]; offsets are cumulative row ends."""
     if x_MI.dtype == w_LIO.dtype and grouped_mm_supported(x_MI.device.type, x_MI.dtype) and _aligned(x_MI, w_LIO):

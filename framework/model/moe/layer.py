@@ -10,7 +10,7 @@ from framework.model.ffn import SwiGLU
 from framework.model.moe.aux_loss import attach_aux_loss
 from framework.model.moe.experts import GroupedExperts
 from framework.model.moe.router import Router, sequence_aux_loss
-from parallel.token_dispatch import LocalDispatcher, TokenDispatcher
+from parallel.token_dispatch import LocalDispatcher, TokenDispatcher, count_per_expert
 
 
 class MoE(nn.Module):
@@ -34,9 +34,9 @@ class MoE(nn.Module):
         routing = self.router(x_TD)
         if self.training:  # evaluation must not move the load-balancing bias
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(
-                    routing.topk_idx_TK.reshape(-1), minlength=self.num_experts
-                ).to(self.tokens_per_expert)
+                self.tokens_per_expert += count_per_expert(routing.topk_idx_TK.reshape(-1), self.num_experts).to(
+                    self.tokens_per_expert
+                )
         x_MD, tokens_per_expert_L, meta = self.dispatcher.dispatch(x_TD, routing.topk_idx_TK, self.num_experts)
         y_MD = self.experts(x_MD, tokens_per_expert_L)
         out_TD = self.dispatcher.combine(y_MD, meta, routing.topk_weights_TK)

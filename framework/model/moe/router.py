@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.model.args import SCORE_FUNCS, ModelArgs
+from parallel.compat import register_pytree_dataclass
 
 
+@register_pytree_dataclass  # FSDP2 must see these tensors to re-gather the router's weight for backward
 @dataclass(frozen=True)
 class Routing:
     topk_idx_TK: torch.Tensor  # chosen expert per token and slot

@@ -15,6 +15,7 @@ from pathlib import Path
 CHECKPOINTS_DIR = "checkpoints"
 COMMIT_MARKER = "COMMITTED"
 TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "config.yaml"  # RUN_DIR/config.yaml, the resolved config a launch wrote; each checkpoint keeps a copy
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -58,6 +59,13 @@ def newest_complete_step(run_dir: str | Path) -> int | None:
         if check_complete(path) is None:
             return int(STEP_DIR.match(path.name).group(1))
     return None
+
+
+def read_checkpoint_config(path: str | Path) -> str | None:
+    """The resolved config (YAML text) the checkpoint at `path` was trained with; None for a
+    checkpoint written before checkpoints kept it."""
+    config = Path(path) / RUN_CONFIG
+    return config.read_text() if config.is_file() else None
 
 
 def fsync_dir(path: Path) -> None:

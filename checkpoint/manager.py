@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from checkpoint.commit import (
     CHECKPOINTS_DIR,
     COMMIT_MARKER,
+    RUN_CONFIG,
     TRAINER_STATE,
     check_complete,
     file_sizes,
@@ -74,6 +75,10 @@ class CheckpointManager:
         # Completeness is checked through COMMITTED's file sizes instead. Process-wide: this
         # manager lives in the training process, whose only other torch.save is the RNG file.
         torch.serialization.set_crc32_options(False)
+        # The config this segment was launched with, read now: a later launch may rewrite the
+        # file while this one runs. Each checkpoint keeps a copy (None: run without the launcher).
+        run_config = Path(run_dir) / RUN_CONFIG
+        self._run_config = run_config.read_text() if rank == 0 and run_config.is_file() else None
         if rank == 0:  # leftovers of a crash mid-save: never complete, never resumed from
             for tmp in self.root.glob("step-*.tmp") if self.root.is_dir() else []:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -167,7 +172,9 @@ class CheckpointManager:
         dist.barrier(group=group)  # every rank's shards and RNG file are on disk (DCP fsynced its shards)
         if self.rank == 0:
             (tmp / TRAINER_STATE).write_text(trainer_json)
-            for f in tmp.iterdir():  # the RNG files, the trainer state, DCP's metadata
+            if self._run_config is not None:
+                (tmp / RUN_CONFIG).write_text(self._run_config)
+            for f in tmp.iterdir():  # the RNG files, the trainer state, the config, DCP's metadata
                 if not f.name.endswith(".distcp"):
                     with f.open("rb") as fh:
                         os.fsync(fh.fileno())

@@ -14,7 +14,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from checkpoint.manager import CheckpointManager, NoCheckpointError
+from checkpoint.manager import CheckpointManager, CommitError, NoCheckpointError
+from checkpoint.state import AttributeState, ModelState, OptimizerState, RngState
 from framework.config import load_run_config
 from framework.data.build import build_data
 from framework.distributed import DistContext, init_distributed, shutdown
@@ -74,20 +75,25 @@ class Trainer:
         self.stop_agreed = False  # set only from the all-reduced flags: every rank sees the same
         self.peak_memory: dict | None = None
 
+        # Everything a resume needs, registered once: save and load walk this dict.
+        self.wandb_run_id: str | None = None
+        checkpointed = {
+            "model": ModelState(self.model),
+            "optim": OptimizerState(self.model, self.optimizer),
+            "sampler": self.loader.sampler,
+            "scheduler": self.scheduler,
+            "trainer": AttributeState(self, "step", "wandb_run_id"),
+            "rng": RngState(),
+        }
         ck = cfg.checkpoint
         self.checkpoints = CheckpointManager(
-            cfg.run_dir, ck.keep, ck["async"], ctx.rank, ctx.world_size, write_threads=ck.write_threads
+            cfg.run_dir, checkpointed, ck.keep, ck["async"], ctx.rank, ctx.world_size, write_threads=ck.write_threads
         )
         self.resumed_from = self.checkpoints.find(cfg.resume)
-        wandb_run_id = None
         if self.resumed_from is not None:
-            self.checkpoints.load(self.resumed_from, self.model, self.optimizer)
-            state = self.resumed_from.trainer_state
-            self.step = state["step"]
-            self.loader.sampler.load_state_dict(state["sampler"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            wandb_run_id = state.get("wandb_run_id")
-        self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=wandb_run_id)
+            self.checkpoints.load(self.resumed_from)
+        self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=self.wandb_run_id)
+        self.wandb_run_id = self.logger.wandb_run_id
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches, clip, step. -> (loss, grad norm)."""
@@ -178,7 +184,8 @@ class Trainer:
         self.log_start()
 
         if self.resumed_from is not None:
-            self.logger.console(f"resumed from {self.resumed_from.path} at step {self.step}")
+            note = f" ({self.checkpoints.resume_note})" if self.checkpoints.resume_note else ""
+            self.logger.console(f"resumed from {self.resumed_from.path} at step {self.step}{note}")
         first_val = self.evaluate()
         self.logger.console(f"step {self.step} | val {first_val:.4f}")
         self.logger.log({"step": self.step, "val_loss": first_val})
@@ -238,14 +245,10 @@ class Trainer:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() < 1:
             raise TrainingStopped(f"weights are not finite at step {self.step}; not saving", NON_FINITE_EXIT_CODE)
-        state = {
-            "step": self.step,
-            "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.model.seq_len,
-            "sampler": self.loader.sampler.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "wandb_run_id": self.logger.wandb_run_id,
-        }
-        self.checkpoints.save(self.step, self.model, self.optimizer, state)
+        try:
+            self.checkpoints.save(self.step)
+        except CommitError as err:
+            raise TrainingStopped(f"checkpoint at step {self.step} failed, stopping: {err}", 1) from err
 
     def step_record(self, stats, tokens_per_s: float, flops_per_token: float, peak: float) -> dict:
         loads = self.last_loads

@@ -13,11 +13,11 @@ def _save_after_config_rewritten(rank: int, world: int, run_dir: str) -> bool:
     from pathlib import Path
 
     from checkpoint.manager import CheckpointManager
+    from checkpoint.state import ModelState
 
-    model = torch.nn.Linear(4, 4)
-    manager = CheckpointManager(run_dir, keep=2, async_save=False, rank=rank, world_size=world)
+    manager = CheckpointManager(run_dir, {"model": ModelState(torch.nn.Linear(4, 4))}, 2, False, rank, world)
     (Path(run_dir) / "config.yaml").write_text("experiment: a later launch\n")  # while this one runs
-    manager.save(3, model, torch.optim.SGD(model.parameters(), lr=0.1), {"step": 3})
+    manager.save(3)
     manager.close()
     return True
 

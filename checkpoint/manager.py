@@ -354,8 +354,8 @@ class CheckpointManager:
                 state.load_state_dict(found.trainer_state[name])
         if notes:
             self.resume_note = (
-                f"world size {saved_world} -> {self.world_size}: {', '.join(notes)} continued from rank 0's "
-                "stream on every rank (per-rank streams are not restored); data order exact"
+                f"world size {saved_world} -> {self.world_size}: every rank continues rank 0's {', '.join(notes)} "
+                "state, per-rank streams are not restored; data order exact"
             )
 
 

@@ -215,4 +215,4 @@ def test_rng_on_another_world_size_continues_rank_0s_stream_and_says_so(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(same["draws"], saved, strict=True)) and same["note"] == ""
     other = run_workers(_resume_rng, 3, str(tmp_path))
     assert all(torch.equal(draw, saved[0]) for draw in other["draws"])  # the global stream, on every rank
-    assert other["note"].startswith("world size 2 -> 3: rng continued from rank 0's stream")
+    assert other["note"].startswith("world size 2 -> 3: every rank continues rank 0's rng state")

@@ -6,6 +6,7 @@ checkpoint without a process group yields the single-process state dict.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from checkpoint.commit import CHECKPOINTS_DIR, check_complete, step_dir_name
+from checkpoint.commit import CHECKPOINTS_DIR, check_checkpoint, step_dir_name, step_dirs
 
 FORMATS = (".safetensors", ".pt")
 
@@ -23,17 +24,21 @@ class ExportError(ValueError):
 
 
 def pick_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The checkpoint of `step`, or the newest one that verifies (sizes and checksums): a broken
+    one is skipped with a one-line warning, as resume does."""
     root = run_dir / CHECKPOINTS_DIR
     if step is not None:
         path = root / step_dir_name(step)
-        problem = check_complete(path) if path.is_dir() else "no such checkpoint"
+        problem = check_checkpoint(path)
         if problem:
             raise ExportError(f"--step {step}: {path}: {problem}")
         return path
-    complete = [p for p in sorted(root.glob("step-*")) if p.is_dir() and check_complete(p) is None]
-    if not complete:
-        raise ExportError(f"{run_dir}: no complete checkpoint under {root}")
-    return complete[-1]
+    for path in reversed(step_dirs(root)):
+        problem = check_checkpoint(path)
+        if problem is None:
+            return path
+        print(f"moe-launch: warning: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    raise ExportError(f"{run_dir}: no complete checkpoint under {root}")
 
 
 def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

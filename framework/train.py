@@ -14,7 +14,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from checkpoint.manager import CheckpointManager, NoCheckpointError
+from checkpoint.manager import CheckpointError, CheckpointManager, CommitError, NoCheckpointError
+from checkpoint.state import AttributeState, ModelState, OptimizerState, RngState
 from framework.build import build_sharded_model
 from framework.config import load_run_config
 from framework.data.build import build_data
@@ -100,20 +101,25 @@ class Trainer:
         self.stop_agreed = False  # set only from the all-reduced flags: every rank sees the same
         self.peak_memory: dict | None = None
 
+        # Everything a resume needs, registered once: save and load walk this dict.
+        self.wandb_run_id: str | None = None
+        checkpointed = {
+            "model": ModelState(self.model),
+            "optim": OptimizerState(self.model, self.optimizer),
+            "sampler": self.loader.sampler,
+            "scheduler": self.scheduler,
+            "trainer": AttributeState(self, "step", "wandb_run_id"),
+            "rng": RngState(),
+        }
         ck = cfg.checkpoint
         self.checkpoints = CheckpointManager(
-            cfg.run_dir, ck.keep, ck["async"], ctx.rank, ctx.world_size, write_threads=ck.write_threads
+            cfg.run_dir, checkpointed, ck.keep, ck["async"], ctx.rank, ctx.world_size, write_threads=ck.write_threads
         )
         self.resumed_from = self.checkpoints.find(cfg.resume)
-        wandb_run_id = None
         if self.resumed_from is not None:
-            self.checkpoints.load(self.resumed_from, self.model, self.optimizer)
-            state = self.resumed_from.trainer_state
-            self.step = state["step"]
-            self.loader.sampler.load_state_dict(state["sampler"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            wandb_run_id = state.get("wandb_run_id")
-        self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=wandb_run_id)
+            self.checkpoints.load(self.resumed_from)
+        self.logger = MetricsLogger(cfg, enabled=ctx.is_main, wandb_run_id=self.wandb_run_id)
+        self.wandb_run_id = self.logger.wandb_run_id
         apply_resume_changes(self.resumed_from, self.model, self.optimizer, self.scheduler, cfg.optim, self.logger)
 
     def _embedding_pairs(self, first: int, last: int) -> dist.ProcessGroup:
@@ -266,7 +272,8 @@ class Trainer:
         self.log_start()
 
         if self.resumed_from is not None:
-            self.logger.console(f"resumed from {self.resumed_from.path} at step {self.step}")
+            note = f" ({self.checkpoints.resume_note})" if self.checkpoints.resume_note else ""
+            self.logger.console(f"resumed from {self.resumed_from.path} at step {self.step}{note}")
         setup = self.gather(setup_memory(ctx.device))  # peak host RSS / device memory after building
         first_val = self.evaluate()
         self.logger.console(f"step {self.step} | val {first_val:.4f}")
@@ -337,14 +344,10 @@ class Trainer:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.groups.world)
         if finite.item() < 1:
             raise TrainingStopped(f"weights are not finite at step {self.step}; not saving", NON_FINITE_EXIT_CODE)
-        state = {
-            "step": self.step,
-            "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.model.seq_len,
-            "sampler": self.loader.sampler.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "wandb_run_id": self.logger.wandb_run_id,
-        }
-        self.checkpoints.save(self.step, self.model, self.optimizer, state)
+        try:
+            self.checkpoints.save(self.step)
+        except CommitError as err:
+            raise TrainingStopped(f"checkpoint at step {self.step} failed, stopping: {err}", 1) from err
 
     def model_loads(self) -> torch.Tensor:
         """[MoE layers, experts] of the whole model: under a pipeline each rank holds some layers,
@@ -430,17 +433,17 @@ def main() -> None:
 def run_to_the_end(trainer: Trainer) -> int:
     """Run the loop; -> the exit code. Every clean stop (a signal, a non-finite step) first
     lets an async save in flight commit (it holds the finite weights of an earlier step), so
-    no exit path abandons a checkpoint half-way."""
+    no exit path abandons a checkpoint half-way; a save that failed is one line, not a trace."""
     try:
         trainer.run()
         return 0
     except TrainingStopped as stop:
-        trainer.checkpoints.close()
-        if trainer.ctx.is_main:
-            print(f"moe-launch: {stop}", file=sys.stderr, flush=True)
-        trainer.logger.finish()
-        return stop.exit_code
-
-
-if __name__ == "__main__":
-    main()
+        trainer.checkpoints.close(raise_errors=False)
+        message, code = str(stop), stop.exit_code
+    except CheckpointError as err:  # an async save's commit failed (raised on every rank alike)
+        trainer.checkpoints.close(raise_errors=False)
+        message, code = f"stopping: {err}", 1
+    if trainer.ctx.is_main:
+        print(f"moe-launch: {message}", file=sys.stderr, flush=True)
+    trainer.logger.finish()
+    return code

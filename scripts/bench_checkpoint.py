@@ -1,10 +1,12 @@
 """Benchmark checkpointing (CPU, gloo, FSDP2): sync save vs one plain sequential write, async blocking, load.
 Checks the issue's goals on 1 and 2 processes: sync save >= 70% of the plain write, async blocks <= 10% of sync.
-Sync saves run with 1 and 2 DCP writer threads side by side; async saves reuse one manager, as a run does."""
+Sync saves run with 1 and 2 DCP writer threads side by side, and with 2 threads minus the content checksums
+(their cost); async saves reuse one manager, as a run does; loads include verifying every file's checksum."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import os
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from checkpoint.checksum import ALGORITHM  # noqa: E402
 from scripts.benchlib import print_table, rotated, run_ranks, time_collective  # noqa: E402
 
 MB, GB = 1e6, 1e9
@@ -120,12 +123,17 @@ def _install_phases() -> _Phases:
     import torch.distributed.checkpoint as dcp
     import torch.distributed.checkpoint.filesystem as fs
 
+    import checkpoint.checksum as checksum_mod
     import checkpoint.manager as manager_mod
+    import checkpoint.state as state_mod
 
     ph = _Phases()
-    ph.wrap(manager_mod, "get_state_dict", "state_dict")
-    ph.wrap(manager_mod, "set_state_dict", "set_state_dict")
+    for cls in (state_mod.ModelState, state_mod.OptimizerState):
+        ph.wrap(cls, "state_dict", "state_dict")
+        ph.wrap(cls, "load_state_dict", "set_state_dict")
     ph.wrap(manager_mod.CheckpointManager, "_commit", "commit")
+    ph.wrap(manager_mod.CheckpointManager, "_verify", "verify")
+    ph.wrap(checksum_mod.Hasher, "update", "hash")  # summed over the threads that write
     ph.wrap(dcp, "save", "dcp_save")
     ph.wrap(dcp, "async_save", "dcp_async_save")
     ph.wrap(dcp, "load", "dcp_load")
@@ -146,8 +154,27 @@ def _evict(path: Path) -> None:
                 os.close(fd)
 
 
+class _NoChecksums:
+    """Within it, the checksum hashers count bytes but skip the hashing: a sync save without checksums."""
+
+    def __enter__(self):
+        from checkpoint.checksum import Hasher
+
+        def count_only(self, data) -> None:  # the commit still checks every file's size
+            self.size += memoryview(data).nbytes
+
+        self._update, Hasher.update = Hasher.update, count_only
+
+    def __exit__(self, *exc):
+        from checkpoint.checksum import Hasher
+
+        Hasher.update = self._update
+
+
 def _measure(rank: int, world: int, cfg: dict) -> dict:
+    from checkpoint.checksum import checksum_bytes
     from checkpoint.manager import CheckpointManager
+    from checkpoint.state import AttributeState, ModelState, OptimizerState, RngState
     from framework.loss import TrainingLoss
     from framework.model.args import ModelArgs
     from framework.model.transformer import MoETransformer
@@ -197,7 +224,16 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
         reference[n] = (_full(named[n]), _full(st["exp_avg"]), _full(st["exp_avg_sq"]))
 
     base = Path(cfg["base"])
-    trainer_state = {"step": 1, "sampler": {"epoch": 0, "index": 0}}
+    counters = SimpleNamespace(step=1, wandb_run_id=None)
+
+    def states(model, optimizer) -> dict:
+        """What the Trainer registers, less its sampler and scheduler (small JSON, as counters)."""
+        return {
+            "model": ModelState(model),
+            "optim": OptimizerState(model, optimizer),
+            "trainer": AttributeState(counters, "step", "wandb_run_id"),
+            "rng": RngState(),
+        }
 
     def load_and_check(run_dir: Path) -> tuple[float, dict]:
         model2, opt2 = build(1)  # other weights, no optimizer state: the load has to fill both
@@ -205,11 +241,12 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
         for n in check_names:
             if torch.equal(_full(named2[n]), reference[n][0]):
                 raise RuntimeError(f"{n}: the fresh model already equals the saved one; the check would be empty")
-        manager = CheckpointManager(run_dir, keep=1, async_save=False, rank=rank, world_size=world)
+        manager = CheckpointManager(
+            run_dir, states(model2, opt2), keep=1, async_save=False, rank=rank, world_size=world
+        )
 
         def do_load() -> None:
-            found = manager.find("auto")
-            manager.load(found, model2, opt2)
+            manager.load(manager.find("auto"))  # find() verifies every file's checksum
 
         phases.take()
         seconds = time_collective(do_load)
@@ -231,7 +268,13 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
     # One async manager for the whole benchmark, as in a training run: its stager allocates
     # host buffers at the first save and reuses them after.
     async_mgr = CheckpointManager(
-        base / f"w{world}-async", keep=1, async_save=True, rank=rank, world_size=world, write_threads=DEFAULT_THREADS
+        base / f"w{world}-async",
+        states(model, optimizer),
+        keep=1,
+        async_save=True,
+        rank=rank,
+        world_size=world,
+        write_threads=DEFAULT_THREADS,
     )
 
     def one_round(index: int, name: str, plain_buf: bytes | None, plain: bool = True) -> dict:
@@ -252,24 +295,31 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
             out["plain"] = time_collective(lambda: _plain_write(plain_file, plain_buf) if rank == 0 else None)
             if rank == 0:
                 plain_file.unlink()
+                t0 = time.perf_counter()
+                checksum_bytes(plain_buf)
+                out["hash"] = time.perf_counter() - t0  # the checksum of the same bytes, one thread, in memory
 
-        def sync_save(threads: int) -> None:
-            sync_dir = base / f"w{world}-{name}-sync{threads}"
+        def sync_save(threads: int, checksums: bool = True) -> None:
+            key = threads if checksums else "nohash"
+            sync_dir = base / f"w{world}-{name}-sync{key}"
             mgr = CheckpointManager(
-                sync_dir, keep=1, async_save=False, rank=rank, world_size=world, write_threads=threads
+                sync_dir, states(model, optimizer), 1, False, rank=rank, world_size=world, write_threads=threads
             )
-            out["sync"][threads] = timed_phases(f"sync{threads}", lambda: mgr.save(1, model, optimizer, trainer_state))
+            with _NoChecksums() if not checksums else contextlib.nullcontext():
+                out["sync"][key] = timed_phases(f"sync{key}", lambda: mgr.save(1))
             if rank == 0:
                 out["ckpt_bytes"] = _dir_bytes(sync_dir / "checkpoints")
                 shutil.rmtree(sync_dir)
             dist.barrier()
 
         steps = [plain_write] + [functools.partial(sync_save, t) for t in THREAD_COUNTS]
+        steps.append(functools.partial(sync_save, DEFAULT_THREADS, checksums=False))
         for fn in rotated(steps, index):
             fn()
 
         out["compute"] = time_collective(fwd_bwd)
-        out["block_call"] = timed_phases("block", lambda: async_mgr.save(index + 1, model, optimizer, trainer_state))
+        counters.step = index + 1
+        out["block_call"] = timed_phases("block", lambda: async_mgr.save(index + 1))
         out["overlap_compute"] = time_collective(fwd_bwd)
         out["block_fence"] = time_collective(async_mgr.wait_staged)
         out["block"] = out["block_call"] + out["block_fence"]
@@ -363,16 +413,20 @@ def main() -> int:
     print()
     print("Sync save vs one plain sequential write of the same bytes (the disk's practical limit)")
     print()
-    header = ["processes", "state MB", "plain write s", "plain GB/s"]
-    for t in THREAD_COUNTS:
-        header += [f"sync, {t} writer thread{'s' if t > 1 else ''} s", "sync / plain"]
-    rows = []
+    head = " | ".join(f"sync, {t} writer thread{'s' if t > 1 else ''} s | sync / plain" for t in THREAD_COUNTS)
+    print(
+        f"| processes | state MB | plain write s | plain GB/s | {head} | sync, {d} threads, no checksums s | "
+        "checksum cost | hashing in the save s | hash alone s | load s | cold load s | verify in load s |"
+    )
+    print("|---:|---:|---:|---:|" + "---:|---:|" * len(THREAD_COUNTS) + "---:|---:|---:|---:|---:|---:|---:|")
     for world, m in med.items():
-        row = [world, f"{results[world]['state_bytes'] / MB:.1f}", f"{m['plain']:.3f}", f"{m['plain_gbs']:.2f}"]
-        for t in THREAD_COUNTS:
-            row += [f"{m['sync'][t]:.3f}", f"{100 * m['sync_vs_plain'][t]:.0f}%"]
-        rows.append(row + [f"{m['load']:.3f}", f"{m['cold_load']:.3f}"])
-    print_table(header + ["load s", "cold load s"], rows)
+        cells = " | ".join(f"{m['sync'][t]:.3f} | {100 * m['sync_vs_plain'][t]:.0f}%" for t in THREAD_COUNTS)
+        print(
+            f"| {world} | {results[world]['state_bytes'] / MB:.1f} | {m['plain']:.3f} | {m['plain_gbs']:.2f} | "
+            f"{cells} | {m['sync']['nohash']:.3f} | {100 * m['checksum_cost']:+.0f}% | "
+            f"{m['phases'][f'sync{d}']['hash']:.3f} | {m['hash']:.3f} | "
+            f"{m['load']:.3f} | {m['cold_load']:.3f} | {m['phases']['load']['verify']:.3f} |"
+        )
     print()
     print(f"Async save ({d} writer threads), the manager reused across saves as in a training run")
     print()
@@ -393,6 +447,14 @@ def main() -> int:
         "the sync saves run in an order that rotates every round; sync / plain is the median of per-round ratios"
     )
     print(
+        f"- checksums: every file is hashed ({ALGORITHM}) as DCP's writer threads write it. checksum cost: "
+        f"the median per-round (sync with - sync without) / sync without, {d} threads (disk noise included); "
+        "hashing in the save: rank 0's seconds inside the hash calls of that save, summed over its writer threads "
+        "(they overlap each other and the writes); hash alone: rank 0 "
+        "hashing a buffer of the checkpoint's size in memory on one thread (what the writer threads spread "
+        "over themselves); verify in load: find() re-hashing every file, each rank its share"
+    )
+    print(
         "- async: save() returns once the state dict is taken and the background copy started; then one "
         f"forward+backward ({args.batch} x {args.seq} tokens per rank) runs while the copy and the write go on; "
         "fence = wait_staged(), what the trainer waits before optimizer.step(); blocks = save() + fence, "
@@ -410,13 +472,14 @@ def main() -> int:
         ph = m["phases"]
         print(
             f"- {world} process(es), where rank 0's time goes (medians, s): sync save ({d} threads) {m['sync'][d]:.3f}"
-            f" = get_state_dict {ph[f'sync{d}']['state_dict']:.3f} + dcp.save {ph[f'sync{d}']['dcp_save']:.3f} "
+            f" = state_dict {ph[f'sync{d}']['state_dict']:.3f} + dcp.save {ph[f'sync{d}']['dcp_save']:.3f} "
             f"(file writes with fsync {ph[f'sync{d}']['write']:.3f}, metadata {ph[f'sync{d}']['metadata']:.3f}) + "
-            f"commit {ph[f'sync{d}']['commit']:.3f}; async save() {m['block_call']:.3f} = get_state_dict "
+            f"commit {ph[f'sync{d}']['commit']:.3f}; async save() {m['block_call']:.3f} = state_dict "
             f"{ph['block']['state_dict']:.3f} + dcp.async_save {ph['block']['dcp_async_save']:.3f} + other "
             f"{m['block_other']:.3f}; wait() {m['finish']:.3f} (commit {ph['finish']['commit']:.3f}); load "
-            f"{m['load']:.3f} = get_state_dict {ph['load']['state_dict']:.3f} + dcp.load {ph['load']['dcp_load']:.3f}"
-            f" (file reads {ph['load']['read']:.3f}) + set_state_dict {ph['load']['set_state_dict']:.3f}"
+            f"{m['load']:.3f} = verify {ph['load']['verify']:.3f} + state_dict {ph['load']['state_dict']:.3f} + "
+            f"dcp.load {ph['load']['dcp_load']:.3f} (file reads {ph['load']['read']:.3f}) + load_state_dict "
+            f"{ph['load']['set_state_dict']:.3f}"
         )
     for world, r in results.items():
         print(
@@ -459,11 +522,12 @@ def summarize(r: dict) -> dict:
     rounds = r["rounds"]
     d = DEFAULT_THREADS
     keys = ("plain", "block", "block_call", "block_fence", "finish", "load", "cold_load", "compute")
-    keys += ("overlap_compute",)
+    keys += ("overlap_compute", "hash")
     m = {k: statistics.median(x[k] for x in rounds) for k in keys}
-    m["sync"] = {t: statistics.median(x["sync"][t] for x in rounds) for t in THREAD_COUNTS}
+    m["sync"] = {t: statistics.median(x["sync"][t] for x in rounds) for t in (*THREAD_COUNTS, "nohash")}
+    m["checksum_cost"] = statistics.median(x["sync"][d] / x["sync"]["nohash"] - 1 for x in rounds)
     labels = ("state_dict", "set_state_dict", "commit", "dcp_save", "dcp_async_save", "dcp_load")
-    labels += ("write", "metadata", "read")
+    labels += ("write", "metadata", "read", "verify", "hash")
     regions = [f"sync{t}" for t in THREAD_COUNTS] + ["block", "finish", "load", "cold_load"]
     m["phases"] = {
         reg: {lab: statistics.median(x["phases"][reg].get(lab, 0.0) for x in rounds) for lab in labels}

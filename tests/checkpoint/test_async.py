@@ -11,13 +11,15 @@ pytestmark = pytest.mark.slow
 
 def _save_then_update(rank: int, world: int, run_dir: str) -> dict:
     from checkpoint.manager import CheckpointManager
+    from checkpoint.state import ModelState, OptimizerState
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(16)])  # 64 MB of weights
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     saved = [p.detach().clone() for p in model.parameters()]
-    manager = CheckpointManager(run_dir, keep=2, async_save=True, rank=rank, world_size=world)
-    manager.save(1, model, optimizer, {"step": 1})
+    states = {"model": ModelState(model), "optim": OptimizerState(model, optimizer)}
+    manager = CheckpointManager(run_dir, states, keep=2, async_save=True, rank=rank, world_size=world)
+    manager.save(1)
     manager.wait_staged()
     with torch.no_grad():  # what optimizer.step() does right after the fence; last tensors
         for p in reversed(list(model.parameters())):  # first, where a copy in flight has not been
@@ -26,8 +28,11 @@ def _save_then_update(rank: int, world: int, run_dir: str) -> dict:
 
     fresh = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(16)])
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=1.0)
-    found = CheckpointManager(run_dir, keep=2, async_save=False, rank=rank, world_size=world).find("auto")
-    manager.load(found, fresh, fresh_opt)
+    reader = CheckpointManager(
+        run_dir, {"model": ModelState(fresh), "optim": OptimizerState(fresh, fresh_opt)}, 2, False, rank, world
+    )
+    found = reader.find("auto")
+    reader.load(found)
     equal = all(torch.equal(a, b) for a, b in zip(fresh.parameters(), saved, strict=True))
     return {"equal": equal, "step": found.step}
 

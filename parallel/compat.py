@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.tensor import DTensor
 
 
@@ -12,3 +13,24 @@ def local_shape_and_global_offset(param: DTensor) -> tuple[tuple[int, ...], tupl
 
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     return tuple(shape), tuple(offset)
+
+
+def torch_dispatch_mode() -> type:
+    """The base class of a mode that sees every op below autograd (torch.utils._python_dispatch,
+    the same path and contract from 2.0 on; torch exports no public alias)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def ops_that_exist(*names: str) -> frozenset:
+    """The `torch.ops` overload packets among `names` ("aten._grouped_mm", ...) that this torch
+    build has: attention kernels and collectives differ between releases and devices."""
+    found = set()
+    for name in names:
+        namespace, op = name.split(".", 1)
+        try:
+            found.add(getattr(getattr(torch.ops, namespace), op))
+        except (AttributeError, RuntimeError):
+            continue
+    return frozenset(found)

@@ -35,6 +35,7 @@ BAD = [
     (["train.steps=0"], "train.steps=0"),
     (["train.steps=1.5"], "train.steps"),
     (["train.precision=fp16"], "allowed: fp32, bf16"),
+    (["train.activation_checkpointing=some"], "train.activation_checkpointing=some: allowed: none, full, selective"),
     (["train.micro_batch_size=5"], "train.micro_batch_size=5"),
     (["train.global_batch_size=15"], "train.global_batch_size=15"),
     (["launcher.nproc_per_node=1000"], "launcher.nproc_per_node=1000"),

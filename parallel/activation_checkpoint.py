@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
-from parallel.compat import ops_that_exist, torch_dispatch_mode
+from parallel.compat import detach_below_autograd, ops_that_exist, torch_dispatch_mode
 from parallel.plan import ACTIVATION_CHECKPOINTING
 
 # What "selective" keeps (the memory planner's model of it, parallel/plan.py): matmuls (the
@@ -79,9 +79,8 @@ class _KeepOutputs(torch_dispatch_mode()):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket in _SAVED_OPS:
-            self.kept[_key(func, args)].append(
-                tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, out)
-            )
+            # With its version: a kept output changed in place later would be stale in the rerun.
+            self.kept[_key(func, args)].append(tree_map(lambda x: _Kept(x) if isinstance(x, torch.Tensor) else x, out))
         return out
 
 
@@ -98,8 +97,20 @@ class _ReuseOutputs(torch_dispatch_mode()):
             kept = self.kept[_key(func, args)]
             if not kept:
                 raise RuntimeError(f"selective activation checkpointing: {func} ran more often in the rerun")
-            return kept.popleft()
+            return tree_map(lambda x: x.get(func) if isinstance(x, _Kept) else x, kept.popleft())
         return func(*args, **(kwargs or {}))
+
+
+class _Kept:
+    """A kept output (detached: it shares its data and version counter, not its graph)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.version = detach_below_autograd(tensor), tensor._version
+
+    def get(self, func) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(f"selective activation checkpointing: {func}'s output was changed in place later")
+        return self.tensor
 
 
 def _full_contexts() -> tuple[AbstractContextManager, AbstractContextManager]:

@@ -34,3 +34,14 @@ def ops_that_exist(*names: str) -> frozenset:
         except (AttributeError, RuntimeError):
             continue
     return frozenset(found)
+
+
+def detach_below_autograd(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor.detach()` from inside a TorchDispatchMode that still shares the version counter
+    (so a later in-place change shows): the ADInplaceOrView key is re-included for it, as
+    torch.utils.checkpoint's own selective checkpointing does (private guard, 2.4 onwards)."""
+    guard = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
+    if guard is None:
+        return tensor.detach()
+    with guard(torch._C.DispatchKey.ADInplaceOrView, False):
+        return tensor.detach()

@@ -9,12 +9,13 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import checkpoint
 
 from framework.config import Config
 from framework.loss import TrainingLoss
 from framework.model.args import ModelArgs
 from framework.model.transformer import MoETransformer
-from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.activation_checkpoint import _selective_contexts, apply_activation_checkpointing
 from scripts.benchlib import run_ranks
 from tests.parallel.harness import PARITY_MODEL, make_config
 
@@ -64,6 +65,18 @@ def test_one_forward_backward_is_bitwise_the_same_and_counts_once():
         for a, b, aux_a, aux_b in zip(got["loads"], ref["loads"], got["aux"], ref["aux"], strict=True):
             assert torch.equal(a, b)  # not doubled by the recomputation
             assert torch.equal(aux_a, aux_b)
+
+
+def test_selective_refuses_a_kept_output_changed_in_place():
+    def block(x):
+        y = x @ x
+        y.mul_(2)  # a later in-place change: the kept matmul output would be stale in the rerun
+        return y.sin()
+
+    x = torch.randn(4, 4, requires_grad=True)
+    out = checkpoint(block, x, use_reentrant=False, context_fn=_selective_contexts)
+    with pytest.raises(RuntimeError, match=r"aten.mm.default's output was changed in place later"):
+        out.sum().backward()
 
 
 class _LiveStorages(TorchDispatchMode):

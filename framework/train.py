@@ -81,6 +81,7 @@ class Trainer:
             p.ep_per_node or cfg.launcher.nproc_per_node,
             keep_pieces=keep,
             compile_blocks=cfg.train.compile,
+            activation_checkpointing=cfg.train.activation_checkpointing,
         )
         expert_ids = {id(p) for m in self.model.moe_layers() for p in m.experts.parameters()}
         self.expert_params = [p for p in self.model.parameters() if id(p) in expert_ids]

@@ -27,6 +27,7 @@ from launcher.token_check import check_token_files
 from parallel.layout import PIPELINE_SCHEDULES, Layout, resolve_layout
 from parallel.pipeline import model_pieces, plan_stages
 from parallel.pipeline.schedules import check_schedule_args
+from parallel.plan import ACTIVATION_CHECKPOINTING
 
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -147,6 +148,7 @@ def validate_train(cfg: DictConfig, layout: Layout) -> None:
     _positive(t, "train", "steps", "global_batch_size", "micro_batch_size", "log_every", "eval_every", "eval_batches")
     _positive(t, "train", "collective_timeout_s")
     _one_of("train.precision", t.precision, PRECISIONS)
+    _one_of("train.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
     per_rank = t.global_batch_size // layout.dp
     _require(
         t.global_batch_size % layout.dp == 0,

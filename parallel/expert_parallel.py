@@ -19,6 +19,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from parallel.activation_checkpoint import is_recomputing
 from parallel.token_dispatch import DispatchMeta, count_per_expert, weighted_sum_to_tokens
 
 
@@ -50,7 +51,8 @@ class AllToAllDispatcher:
         counts_RL, recv_RL = counts_E.view(self.ep_size, local), recv_counts.view(self.ep_size, local)
         # Host sync, kept: all_to_all_single needs the split sizes on the host. One read for both.
         send_splits, recv_splits = torch.stack([counts_RL.sum(1), recv_RL.sum(1)]).tolist()
-        self._count_cross_node(send_splits)
+        if not is_recomputing():  # activation checkpointing reruns this in the backward
+            self._count_cross_node(send_splits)
 
         x_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.group)
         # Received rows come as (source rank, local expert) blocks; the grouped GEMM wants

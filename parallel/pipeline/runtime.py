@@ -3,18 +3,20 @@ input and output for the backward, activations and their gradients travel by ise
 pipeline group (one tag per tensor), and the last stage calls the loss.
 
 B runs the whole backward (input and weight gradients) and its W does nothing; F&B runs its
-forward, then its backward, one after the other (not overlapped).
+forward, then its backward, one after the other (not overlapped). With `timings` set to a list,
+each compute action's (action, start, end) is appended to it (time.perf_counter seconds).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.pipeline.actions import Kind, PipelineSchedule
+from parallel.pipeline.actions import Action, Kind, PipelineSchedule
 
 # stage, input tokens [B, S], the previous stage's output [B, S, D] (None on the first stage)
 StageFn = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor | tuple[torch.Tensor, ...]]
@@ -48,6 +50,8 @@ class PipelineRuntime:
         self.holds_last_stage = self.last_stage in self.stages
         self.global_rank = {r: dist.get_global_rank(pp_group, r) for r in range(schedule.pp)}
         self._sync_plan = self._plan_gradient_sync(units)
+        # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
+        self.timings: list[tuple[Action, float, float]] | None = None
 
     def _plan_gradient_sync(self, units: dict[int, Sequence[nn.Module]]) -> list[tuple[nn.Module, int]]:
         """-> (unit, index of the last backward action that touches it) for every unit."""
@@ -95,14 +99,15 @@ class PipelineRuntime:
                     tensor = self.input_grads.pop(key).to(WIRE_DTYPE)
                 tag = self._tag(kind, *key)
                 sends.append((dist.isend(tensor, dst=self.global_rank[action.peer], group=self.group, tag=tag), tensor))
-            elif kind is Kind.W:
-                continue  # its B ran the whole backward
             else:
+                start = time.perf_counter() if self.timings is not None else 0.0
                 for part in action.parts():
                     if part.kind is Kind.F:
                         self._forward(*part.chunk[1:])
-                    else:
+                    elif part.kind is not Kind.W:  # W: its B ran the whole backward
                         self._backward(part.stage, part.microbatch, index)
+                if self.timings is not None:
+                    self.timings.append((action, start, time.perf_counter()))
         for work, _ in sends:
             work.wait()
         if self.inputs or self.outputs or self.received or self.input_grads or self.handover:

@@ -37,6 +37,7 @@ BAD = [
     (["train.precision=fp16"], "allowed: fp32, bf16"),
     (["train.device=tpu"], "train.device=tpu: allowed: auto, cpu, cuda"),
     (["launcher.gpu_memory_gb=0"], "launcher.gpu_memory_gb=0"),
+    (["train.activation_checkpointing=some"], "train.activation_checkpointing=some: allowed: none, full, selective"),
     (["train.micro_batch_size=5"], "train.micro_batch_size=5"),
     (["train.global_batch_size=15"], "train.global_batch_size=15"),
     (["launcher.nproc_per_node=1000"], "launcher.nproc_per_node=1000"),

@@ -83,3 +83,17 @@ def test_bench_checkpoint_tables_and_goals():
     assert async_[0][:2] == ["processes", "first save blocks s"]
     assert [row[0] for row in sync[1:]] == [row[0] for row in async_[1:]] == ["1", "2"]
     assert stdout.count("- goal: ") == 2
+
+
+def test_bench_pipeline_table_per_schedule_and_pp():
+    stdout = _quick("bench_pipeline.py")
+    assert "pp=4: 4 processes on" in stdout or "oversubscribed" not in stdout
+    steps, kinds = _tables(stdout)
+    assert steps[0][:3] == ["schedule", "pp", "step ms"]
+    schedules = ["gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev"]
+    assert [(row[0], row[1]) for row in steps[1:]] == [(s, pp) for pp in ("2", "4") for s in schedules]
+    for row in steps[1:]:
+        per_rank = [float(x) for x in row[3].split(" / ")]
+        assert len(per_rank) == int(row[1]) and all(0 <= b < 100 for b in per_rank)
+        assert float(row[2]) > 0 and float(row[5]) > 0 and float(row[8]) > 0
+    assert [row[0] for row in kinds[1:]] == [s for _ in ("2", "4") for s in schedules]

@@ -10,6 +10,7 @@ from framework.model.ffn import SwiGLU
 from framework.model.moe.aux_loss import attach_aux_loss
 from framework.model.moe.experts import GroupedExperts
 from framework.model.moe.router import Router, sequence_aux_loss
+from parallel.activation_checkpoint import is_recomputing
 from parallel.token_dispatch import LocalDispatcher, TokenDispatcher, count_per_expert
 
 
@@ -28,11 +29,14 @@ class MoE(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """-> output. While training with aux_loss_alpha > 0, the sequence-wise auxiliary loss
-        is attached to the output's backward (aux_loss.py) and kept in `last_aux_loss`."""
+        is attached to the output's backward (aux_loss.py) and kept in `last_aux_loss`. A rerun under
+        activation checkpointing attaches it again only to the discarded recomputed graph."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD)
-        if self.training:  # evaluation must not move the load-balancing bias
+        # Evaluation must not move the load-balancing bias; a checkpointed block's rerun in the
+        # backward must not count its tokens twice.
+        if self.training and not is_recomputing():
             with torch.no_grad():
                 self.tokens_per_expert += count_per_expert(routing.topk_idx_TK.reshape(-1), self.num_experts).to(
                     self.tokens_per_expert
@@ -45,6 +49,7 @@ class MoE(nn.Module):
         out_BSD = out_TD.view(B, S, D).to(x_BSD.dtype)
         if self.training and self.aux_loss_alpha > 0:
             aux = sequence_aux_loss(routing, B, self.aux_loss_alpha)
-            self.last_aux_loss = aux.detach()
+            if not is_recomputing():
+                self.last_aux_loss = aux.detach()
             out_BSD = attach_aux_loss(out_BSD, aux)
         return out_BSD

@@ -1,0 +1,146 @@
+"""Activation checkpointing of a model's blocks (train.activation_checkpointing): none, full (keep
+each block's input, recompute the rest in the backward) or selective (also keep matmul, attention
+and all-to-all outputs), applied by patching each block's forward, so parameter names never change.
+
+Layers that count something in their forward (expert loads) ask `is_recomputing()` so that the
+backward's rerun of a block does not count twice.
+
+"selective" keeps the outputs of the ops in _SAVED_OPS in a first-in-first-out queue per op (and
+input shapes) and hands them back, in order, when the backward reruns the block. torch's own
+create_selective_checkpoint_contexts indexes every op instead, and FSDP2's hooks of the units
+nested in a block (router, experts) run different ops in the rerun than in the forward (a root
+pre-forward), which it refuses or, worse, answers with another op's cached tensor.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import checkpoint
+
+from parallel.compat import detach_below_autograd, ops_that_exist, torch_dispatch_mode
+from parallel.plan import ACTIVATION_CHECKPOINTING
+
+# What "selective" keeps (the memory planner's model of it, parallel/plan.py): matmuls (the
+# grouped expert GEMM included), attention kernels and the expert all-to-all's output.
+_SAVED_OPS = ops_that_exist(
+    "aten.mm",
+    "aten.addmm",
+    "aten.bmm",
+    "aten._grouped_mm",
+    "aten._scaled_dot_product_flash_attention",
+    "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_cudnn_attention",
+    "_c10d_functional.all_to_all_single",
+    "_c10d_functional_autograd.all_to_all_single",
+)
+
+# Per thread: on CUDA the backward (and so the recomputation) runs on autograd's device thread
+# while the main thread may already run another micro-batch's forward.
+_state = threading.local()
+
+
+def is_recomputing() -> bool:
+    """True while a checkpointed block's forward reruns inside the backward."""
+    return getattr(_state, "depth", 0) > 0
+
+
+@contextmanager
+def _recomputing(inner: AbstractContextManager) -> Iterator[None]:
+    """checkpoint's recompute context (its public hook into the rerun), flagged for is_recomputing."""
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        with inner:
+            yield
+    finally:
+        _state.depth -= 1
+
+
+def _key(func, args) -> tuple:
+    """An op and its inputs' shapes and dtypes: a one-off op in the forward alone (a kernel probe
+    on first use) cannot shift the outputs handed to the rerun."""
+    return (func, *((tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor)))
+
+
+class _KeepOutputs(torch_dispatch_mode()):
+    """In the forward: runs every op, and keeps (detached) the outputs of the ops in _SAVED_OPS."""
+
+    def __init__(self, kept: dict):
+        super().__init__()
+        self.kept = kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in _SAVED_OPS:
+            # With its version: a kept output changed in place later would be stale in the rerun.
+            self.kept[_key(func, args)].append(tree_map(lambda x: _Kept(x) if isinstance(x, torch.Tensor) else x, out))
+        return out
+
+
+class _ReuseOutputs(torch_dispatch_mode()):
+    """In the rerun: an op in _SAVED_OPS returns its kept output (same op, same order) instead of
+    running (an all-to-all is not sent again); every other op runs."""
+
+    def __init__(self, kept: dict):
+        super().__init__()
+        self.kept = kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in _SAVED_OPS:
+            kept = self.kept[_key(func, args)]
+            if not kept:
+                raise RuntimeError(f"selective activation checkpointing: {func} ran more often in the rerun")
+            return tree_map(lambda x: x.get(func) if isinstance(x, _Kept) else x, kept.popleft())
+        return func(*args, **(kwargs or {}))
+
+
+class _Kept:
+    """A kept output (detached: it shares its data and version counter, not its graph)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.version = detach_below_autograd(tensor), tensor._version
+
+    def get(self, func) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(f"selective activation checkpointing: {func}'s output was changed in place later")
+        return self.tensor
+
+
+def _full_contexts() -> tuple[AbstractContextManager, AbstractContextManager]:
+    return nullcontext(), _recomputing(nullcontext())
+
+
+def _selective_contexts() -> tuple[AbstractContextManager, AbstractContextManager]:
+    kept: dict = defaultdict(deque)  # per checkpointed call: (op, shapes) -> its outputs, in order
+    return _KeepOutputs(kept), _recomputing(_ReuseOutputs(kept))
+
+
+def _checkpointed(forward: Callable, context_fn: Callable) -> Callable:
+    def checkpointed_forward(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation: nothing is kept anyway
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    checkpointed_forward.__wrapped__ = forward
+    return checkpointed_forward
+
+
+def apply_activation_checkpointing(blocks: Iterable[nn.Module], mode: str) -> None:
+    """Checkpoint each of `blocks` (before sharding): its forward becomes the original one run
+    under torch.utils.checkpoint (non-reentrant). No module is added, so names stay the same."""
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"train.activation_checkpointing={mode}: allowed: {', '.join(ACTIVATION_CHECKPOINTING)}")
+    if mode == "none":
+        return
+    context_fn = _selective_contexts if mode == "selective" else _full_contexts
+    for block in blocks:
+        if hasattr(block.forward, "__wrapped__"):
+            raise ValueError(f"{type(block).__name__} is already checkpointed")
+        block.forward = _checkpointed(block.forward, context_fn)

@@ -448,3 +448,7 @@ def run_to_the_end(trainer: Trainer) -> int:
         print(f"moe-launch: {message}", file=sys.stderr, flush=True)
     trainer.logger.finish()
     return code
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,7 @@ def _losses(rank: int, world: int, cfg_yaml: str, steps: int) -> dict:
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
     trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
-    compiled = [type(block.forward).__name__ for block in trainer.model.layers]
+    compiled = [type(block.forward).__name__ for block in trainer.model.layers.values()]
     losses = [trainer.train_step()[0].item() for _ in range(steps)]
     return {"losses": losses, "compiled": compiled}
 

@@ -388,6 +388,7 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> Layout:
     validate_train(cfg, layout)
     validate_elastic(cfg)
     validate_pipeline(cfg, layout)
-    validate_data(cfg)
+    if on_this_machine:  # the data lives where the job runs; `plan` may describe another cluster
+        validate_data(cfg)
     validate_checkpoint(cfg)
     return layout

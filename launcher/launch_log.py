@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from launcher.jsonl import read_jsonl
 from launcher.local import REQUEUE_EXIT_CODE
 
 LAUNCH_LOG = "launches.jsonl"
@@ -27,16 +28,7 @@ def record(run_dir: str | Path, event: str, code: int = 0) -> None:
 
 def read(run_dir: str | Path) -> list[dict]:
     """Every event so far; a line cut short by a crash is skipped."""
-    path = Path(run_dir) / LAUNCH_LOG
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
+    return read_jsonl(Path(run_dir) / LAUNCH_LOG)
 
 
 def describe_exit(code: int) -> str:

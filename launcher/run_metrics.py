@@ -5,28 +5,17 @@ Used by status, sweep summaries and reports; plain Python, so it never waits on 
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from framework.metrics import METRICS_FILE  # written on rank 0; the module imports no torch
+from launcher.jsonl import read_jsonl
 
 
 def read_records(run_dir: str | Path) -> list[dict]:
     """Every record so far, in order; a line cut short by a crash is skipped."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
+    return [r for r in read_jsonl(Path(run_dir) / METRICS_FILE) if isinstance(r, dict) and "step" in r]
 
 
 @dataclass

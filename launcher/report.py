@@ -13,9 +13,8 @@ from launcher.run_metrics import fmt, read_records, summarize
 from launcher.sweep import format_table, sweep_rows
 
 
-def _launch_lines(run_dir: Path) -> list[str]:
+def _launch_lines(events: list[dict]) -> list[str]:
     """One line per launch: which job and restart, and how it ended."""
-    events = launch_log.read(run_dir)
     lines = []
     for start_index, event in enumerate(events):
         if event["event"] != "start":
@@ -31,8 +30,9 @@ def run_report(run_dir: Path, png: str | None) -> str:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     records = read_records(run_dir)
     n = summarize(records)
-    launches = _launch_lines(run_dir)
-    restarts = max((e.get("restart_count", 0) for e in launch_log.read(run_dir)), default=0)
+    events = launch_log.read(run_dir)
+    launches = _launch_lines(events)
+    restarts = max((e.get("restart_count", 0) for e in events), default=0)
     best = f"best {fmt(n.best_val_loss)} at step {n.best_val_step}" if n.best_val_loss is not None else "best -"
     lines = [
         f"run:        {run_dir}",
@@ -121,10 +121,7 @@ def draw_run(records: list[dict], resumes: list[tuple[int, str]], title: str, pn
         for ax in (imb_ax, share_ax):
             ax.text(0.5, 0.5, "no expert load logged yet", ha="center", va="center")
             ax.set_axis_off()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, title, png)
 
 
 def draw_sweep(points: dict[str, list[dict]], title: str, png: str) -> None:
@@ -158,6 +155,11 @@ def draw_sweep(points: dict[str, list[dict]], title: str, png: str) -> None:
     else:
         heat_ax.text(0.5, 0.5, "no expert load logged yet", ha="center", va="center")
         heat_ax.set_axis_off()
+    _save(plt, fig, title, png)
+
+
+def _save(plt, fig, title: str, png: str) -> None:
+    """Title, lay out, write the PNG and free the figure (pyplot keeps every open one)."""
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=100)

@@ -1,6 +1,7 @@
 """The run's launch log, RUN_DIR/launches.jsonl: one line per start and exit of a launch.
 
 The local launcher writes it from Python, a SLURM batch script with printf (same fields); status and report read it.
+The file names of a run's launch records (this log, the submitted SLURM job's record) live here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from launcher.jsonl import read_jsonl
 from launcher.local import REQUEUE_EXIT_CODE
 
 LAUNCH_LOG = "launches.jsonl"
+JOB_FILE = "slurm_job.json"  # the submitted SLURM job's id, script and log, for status and cancel
 
 
 def record(run_dir: str | Path, event: str, code: int = 0) -> None:

@@ -19,6 +19,7 @@ from checkpoint.commit import CHECKPOINTS_DIR
 from framework.config import RESOLVED_CONFIG_NAME
 from framework.metrics import METRICS_FILE
 from launcher.errors import ConfigError
+from launcher.launch_log import JOB_FILE, LAUNCH_LOG
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # relative run_dir, data.path and resume start here
 SEGMENT_CONFIG = re.compile(r"^config\.segment-(\d+)\.yaml$")
@@ -93,7 +94,7 @@ def clear_previous_run(cfg: DictConfig) -> list[str]:
     so nothing of it mixes with the new run. -> what was removed (names)."""
     run_dir = Path(cfg.run_dir)
     removed = []
-    for name in (CHECKPOINTS_DIR, METRICS_FILE, "launches.jsonl", "slurm_job.json"):
+    for name in (CHECKPOINTS_DIR, METRICS_FILE, LAUNCH_LOG, JOB_FILE):
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)

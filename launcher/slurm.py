@@ -17,12 +17,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from launcher.errors import ConfigError
-from launcher.launch_log import LAUNCH_LOG
+from launcher.launch_log import JOB_FILE, LAUNCH_LOG
 from launcher.local import REQUEUE_EXIT_CODE, TORCHRUN_ENV, TRAIN_ENTRY_MODULE
 from launcher.run_dir import resolved_config_path
 
 SCRIPT_NAME = "job.sbatch"
-JOB_FILE = "slurm_job.json"  # the submitted job's id, script and log, for status and cancel
 LOG_NAME = "slurm-%j.log"
 STOP_SIGNAL = "USR1"  # what SLURM sends the batch shell ahead of the time limit or a preemption
 RDZV_PORT_BASE, RDZV_PORT_SPAN = 20000, 10000  # below Linux's ephemeral ports (32768+)

@@ -28,6 +28,12 @@ LAYOUTS = {
     "1f1b pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=1f1b", "model.n_layers=4"]),
     "dualpipev pp=2 x ep=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.ep=2"]),
     "1f1b pp=2 x dp_shard=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.dp_shard=2"]),
+    # pp=4, the same 4-block model as 1f1b pp=4 (one reference): embed+2 blocks | block | block | head+MTP
+    "gpipe pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=gpipe", "model.n_layers=4"]),
+    "zb1p pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=zb1p", "model.n_layers=4"]),
+    # 8 stages on 4 ranks: 7 blocks give every stage a block (embed+layers.0 | layers.1 | ... | head+MTP)
+    "interleaved_1f1b pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b", "model.n_layers=7"]),
+    "dualpipev pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=dualpipev", "model.n_layers=7"]),
 }
 
 

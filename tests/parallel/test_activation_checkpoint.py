@@ -1,5 +1,6 @@
-"""Activation checkpointing: the same numbers as without it (one process, ep=2, pipeline schedules),
-the same parameter names, expert loads counted once, and less memory kept (full < selective < none)."""
+"""Activation checkpointing: the same numbers as without it (one process, ep=2, pipeline schedules at pp=2
+and pp=4, pp=2 x ep=2), the same parameter names, expert loads counted once, and less memory kept
+(full < selective < none)."""
 
 import weakref
 
@@ -119,6 +120,8 @@ LAYOUTS = {
     "ep=2": (2, ["parallel.ep=2"]),
     "dualpipev pp=2": (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev"]),
     "1f1b pp=2": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    "dualpipev pp=4": (4, ["parallel.pp=4", "parallel.pp_schedule=dualpipev", "model.n_layers=7"]),  # 8 stages
+    "dualpipev pp=2 x ep=2": (4, ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.ep=2"]),
 }
 
 

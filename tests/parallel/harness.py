@@ -61,24 +61,26 @@ def run_layout(tmp_path: Path, world: int, overrides: list[str], steps: int = 5)
 
 def _train_segment(rank: int, world: int, cfg_yaml: str, stop_at: int, save_at: tuple[int, ...]) -> dict:
     """Resume from the run dir if a checkpoint is there, train to `stop_at` (saving after the
-    steps in `save_at` and training on while an async save writes), save."""
+    steps in `save_at` and training on while an async save writes), save. After each step one
+    draw from the global torch RNG (as dropout would take) shows whether its state was resumed."""
     from framework.distributed import DistContext
     from framework.train import Trainer
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
     trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
     start = trainer.step
-    losses = {}
+    losses, draws = {}, {}
     while trainer.step < stop_at:
         loss, _ = trainer.train_step()
         trainer.step += 1
         dist.all_reduce(loss)
         losses[trainer.step] = loss.item() / world
+        draws[trainer.step] = torch.rand(()).item()
         if trainer.step in save_at:
             trainer.save()
     trainer.save()
     trainer.checkpoints.close()
-    return {"start": start, "losses": losses}
+    return {"start": start, "losses": losses, "draws": draws}
 
 
 def train_segment(run_dir: Path, world: int, overrides: list[str], stop_at: int, save_at: tuple[int, ...] = ()) -> dict:

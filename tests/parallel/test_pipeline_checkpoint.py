@@ -9,30 +9,40 @@ from tests.parallel.harness import train_segment
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-STOP = 2
 COMMON = [f"train.steps={STEPS}", "checkpoint.keep=2"]
-PP2 = ["parallel.pp=2", "parallel.pp_schedule=dualpipev"]
-PP2_1F1B = ["parallel.pp=2", "parallel.pp_schedule=1f1b"]  # both stages hold the embedding (MTP)
+PP1 = (1, [])
+PP2 = (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev"])
+PP2_1F1B = (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"])  # both stages hold the embedding (MTP)
+PP4 = (4, ["parallel.pp=4", "parallel.pp_schedule=1f1b"])  # embed+layers.0 | layers.1 | layers.2 | head+MTP
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """4 steps on one process, never stopped."""
-    return train_segment(tmp_path_factory.mktemp("straight"), 1, COMMON, STEPS)["losses"]
+    """4 steps on one process, never stopped: the losses and the RNG draws after each step."""
+    return train_segment(tmp_path_factory.mktemp("straight"), 1, COMMON, STEPS)
 
 
+# Each launch: (world, overrides, the step it stops at); each resumes from the one before it.
 @pytest.mark.parametrize(
-    "first,second",
-    [((2, PP2), (1, [])), ((1, []), (2, PP2)), ((2, PP2_1F1B), (1, []))],
-    ids=["dualpipev pp=2 -> pp=1", "pp=1 -> dualpipev pp=2", "1f1b pp=2 -> pp=1"],
+    "launches",
+    [
+        [(*PP2, 2), (*PP1, STEPS)],
+        [(*PP1, 2), (*PP2, STEPS)],
+        [(*PP2_1F1B, 2), (*PP1, STEPS)],
+        [(*PP2, 1), (*PP1, 2), (*PP4, STEPS)],  # the data position and RNG travel through every launch
+    ],
+    ids=["dualpipev pp=2 -> pp=1", "pp=1 -> dualpipev pp=2", "1f1b pp=2 -> pp=1", "dualpipev pp=2 -> pp=1 -> pp=4"],
 )
-def test_resume_at_another_pp_continues_the_curve(first, second, uninterrupted, tmp_path):
-    (w1, o1), (w2, o2) = first, second
-    before = train_segment(tmp_path, w1, COMMON + o1, STOP)
-    resumed = train_segment(tmp_path, w2, COMMON + o2, STEPS)
-    assert resumed["start"] == STOP
-    got = torch.tensor(
-        [before["losses"][s] for s in range(1, STOP + 1)] + [resumed["losses"][s] for s in range(STOP + 1, STEPS + 1)]
-    )
-    want = torch.tensor([uninterrupted[s] for s in range(1, STEPS + 1)])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+def test_resume_at_another_pp_continues_the_curve(launches, uninterrupted, tmp_path):
+    losses, draws, step = {}, {}, 0
+    for world, overrides, stop in launches:
+        segment = train_segment(tmp_path, world, COMMON + overrides, stop)
+        assert segment["start"] == step  # resumed where the last launch saved
+        assert segment["losses"].keys() == set(range(step + 1, stop + 1))
+        losses.update(segment["losses"])
+        draws.update(segment["draws"])
+        step = stop
+    got = torch.tensor([losses[s] for s in range(1, STEPS + 1)])
+    want = torch.tensor([uninterrupted["losses"][s] for s in range(1, STEPS + 1)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)  # the same data, in the same order
+    assert draws == uninterrupted["draws"]  # the RNG streams on where it stopped, not from the seed

@@ -1,9 +1,13 @@
-"""The CLI as a user runs it: help, dry run, and bad input from a real subprocess."""
+"""The CLI as a user runs it: help, dry run, bad input from a real subprocess, and a pipelined
+run that trains and resumes at another pp."""
 
+import json
+import math
 import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from launcher.cli import main
@@ -65,3 +69,29 @@ def test_bad_value_from_the_console_script_has_no_traceback(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip() == "moe-launch: error: model.top_k=99: must be <= model.num_experts=8"
+
+
+@pytest.mark.slow
+def test_dualpipev_trains_from_the_cli_and_resumes_at_another_pp(tmp_path):
+    """The issue's command line (made small) trains two steps on two pipeline stages; the next
+    launch resumes on one process without a pipeline and starts from the same weights."""
+    run_dir = tmp_path / "run"
+    small = ["model.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", "train.log_every=1"]
+    cli = [*CLI, "train", "config=tiny", "data=synthetic", f"run_dir={run_dir}", "logging.wandb.mode=disabled", *small]
+    pp2 = ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "launcher.nproc_per_node=2", "train.steps=2"]
+    first = subprocess.run([*cli, *pp2], capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "world 2 (pp 2 x dp_replicate 1 x dp_shard 1, ep 1)" in first.stdout
+    again = subprocess.run(
+        [*cli, "launcher.nproc_per_node=1", "train.steps=3"], capture_output=True, text=True, timeout=240
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "moe-launch: resume: parallel.pp 2 -> 1 (the new value is applied)" in again.stdout
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000002'} at step 2" in again.stdout
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    # The validation loss of the weights saved at pp=2, then of the same weights loaded at pp=1.
+    saved, resumed = [r["val_loss"] for r in records if r["step"] == 2 and "val_loss" in r]
+    assert resumed == pytest.approx(saved, rel=1e-5)

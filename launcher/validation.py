@@ -187,11 +187,17 @@ def validate_pipeline(cfg: DictConfig, layout: Layout) -> None:
     microbatches = t.global_batch_size // layout.dp // t.micro_batch_size
     try:
         check_schedule_args(p.pp_schedule, layout.pp, microbatches)
-        plan_stages(model_pieces(cfg.model), p.pp_schedule, layout.pp)  # the cut must fit the model
     except ValueError as err:
         raise ConfigError(
             f"parallel.pp_schedule={p.pp_schedule} with {microbatches} micro-batches "
             f"(global_batch_size / dp / micro_batch_size): {err}"
+        ) from None
+    try:
+        plan_stages(model_pieces(cfg.model), p.pp_schedule, layout.pp)  # the cut must fit the model
+    except ValueError as err:  # the stage count, not the micro-batches, is what does not fit
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule} with parallel.pp={layout.pp} and "
+            f"model.n_layers={cfg.model.n_layers}: {err}"
         ) from None
 
 

@@ -69,6 +69,11 @@ BAD = [
         "dualpipev needs >= 2*pp-1 = 3",
     ),
     (["launcher.stop_timeout_s=0"], "launcher.stop_timeout_s=0"),
+    (  # 8 stages (2 per rank) from 4 blocks, the embedding and the head: the cut, not the micro-batches
+        ["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b", "launcher.nproc_per_node=4"],
+        "parallel.pp_schedule=interleaved_1f1b with parallel.pp=4 and model.n_layers=4: 8 stages: "
+        "the model has only 6 pieces to cut",
+    ),
     (["checkpoint.write_threads=0"], "checkpoint.write_threads=0"),
     (["logging.wandb.mode=cloud"], "allowed: disabled, offline, online"),
     (["optim.lr=1e-3,3e-4"], "optim.lr=1e-3,3e-4: a sweep (several values); add -m"),

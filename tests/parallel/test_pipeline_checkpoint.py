@@ -13,6 +13,7 @@ STOP = 2
 COMMON = [f"train.steps={STEPS}", "checkpoint.keep=2"]
 PP2 = ["parallel.pp=2", "parallel.pp_schedule=dualpipev"]
 PP2_1F1B = ["parallel.pp=2", "parallel.pp_schedule=1f1b"]  # both stages hold the embedding (MTP)
+PP2_DUALPIPE = ["parallel.pp=2", "parallel.pp_schedule=dualpipe"]  # both ranks hold the same (whole) model
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,8 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "first,second",
-    [((2, PP2), (1, [])), ((1, []), (2, PP2)), ((2, PP2_1F1B), (1, []))],
-    ids=["dualpipev pp=2 -> pp=1", "pp=1 -> dualpipev pp=2", "1f1b pp=2 -> pp=1"],
+    [((2, PP2), (1, [])), ((1, []), (2, PP2)), ((2, PP2_1F1B), (1, [])), ((2, PP2_DUALPIPE), (1, []))],
+    ids=["dualpipev pp=2 -> pp=1", "pp=1 -> dualpipev pp=2", "1f1b pp=2 -> pp=1", "dualpipe pp=2 -> pp=1"],
 )
 def test_resume_at_another_pp_continues_the_curve(first, second, uninterrupted, tmp_path):
     (w1, o1), (w2, o2) = first, second

@@ -28,6 +28,11 @@ LAYOUTS = {
     "1f1b pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=1f1b", "model.n_layers=4"]),
     "dualpipev pp=2 x ep=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.ep=2"]),
     "1f1b pp=2 x dp_shard=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.dp_shard=2"]),
+    # two model copies: each mirror pair sums its gradients and expert loads, the norm counts one copy
+    "dualpipe pp=2": (2, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipe"]),
+    "dualpipe pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=dualpipe", "model.n_layers=4"]),
+    "dualpipe pp=2 x ep=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "parallel.ep=2"]),
+    "dualpipe pp=2 x dp_shard=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "parallel.dp_shard=2"]),
 }
 
 

@@ -180,19 +180,27 @@ class Trainer:
         return list(self.model.parameters()) if self.mirror_second else []
 
     @torch.no_grad()
-    def sum_mirror_grads(self) -> None:
+    def sum_mirror_grads(self, bucket_numel: int = 1 << 24) -> None:
         """DualPipe: each copy's gradients come from its half of the micro-batches; their sum
         over the mirror pair is the whole step's, so both copies take the same optimizer step.
-        The local shards (sharded alike on both ranks) travel as one flat buffer."""
-        params = list(self.model.parameters())  # the same names in the same order on both ranks
-        local = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in local])
-        dist.all_reduce(flat, group=self.mirror_group)
-        for p, g, summed in zip(params, local, flat.split([g.numel() for g in local]), strict=True):
-            if p.grad is None:  # unused on both copies in this step: keep the pair's state alike
+        The local shards (sharded alike on both ranks) travel in flat buckets of `bucket_numel`."""
+        grads = []
+        for p in self.model.parameters():  # the same names in the same order on both ranks
+            if p.grad is None:  # unused by this copy in this step: it takes the other copy's gradient
                 p.grad = torch.zeros_like(p)
-                g = _local(p.grad)
-            g.copy_(summed.view_as(g))
+            grads.append(_local(p.grad))
+        start = 0
+        while start < len(grads):
+            end, numel = start + 1, grads[start].numel()
+            while end < len(grads) and numel + grads[end].numel() <= bucket_numel:
+                numel += grads[end].numel()
+                end += 1
+            bucket = grads[start:end]
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=self.mirror_group)
+            for g, summed in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                g.copy_(summed.view_as(g))
+            start = end
 
     @property
     def last_loads(self) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """A rank's pipeline stages cut from the whole model: the pieces each of its stages runs, the
-model pruned to them (parameter names unchanged, so checkpoints move between pp), its FSDP units.
+model pruned to them (parameter names unchanged, so checkpoints move between pp), its FSDP units,
+and under DualPipe its mirror rank (the same stages in the other model copy).
 
 Works on any model with the transformer's attribute names (embed, layers keyed "0".., norm,
 head, mtp); it never imports the framework.

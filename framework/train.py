@@ -37,7 +37,7 @@ from parallel.memory import memory_report, setup_memory
 from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_rank_and_size
 from parallel.pipeline import build_schedule, model_pieces, mtp_needs_embedding, plan_stages
 from parallel.pipeline.runtime import PipelineRuntime
-from parallel.pipeline.stage import fsdp_units, rank_stage_pieces
+from parallel.pipeline.stage import fsdp_units, mirror_rank, rank_stage_pieces
 
 
 class TrainingStopped(Exception):
@@ -62,12 +62,22 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         self.embed_copy_group = None  # the two ranks that hold the embedding when MTP needs a copy
+        self.mirror_group = None  # DualPipe: this rank and the one holding its stages in the other copy
+        self.mirror_second = False  # this rank's copy is the one the gradient norm does not count
+        same_layers_group = self.groups.dp  # the ranks that hold this rank's MoE layers
         keep = None
         if p.pp > 1:  # keep this rank's pipeline stages only (same parameter names), before sharding
             plan = plan_stages(model_pieces(cfg.model), p.pp_schedule, p.pp)
             if mtp_needs_embedding(plan):
-                self.embed_copy_group = self._embedding_pairs(plan.rank_of_piece("embed"), plan.rank_of_piece("head"))
-            self.stage_pieces = rank_stage_pieces(plan, self.mesh.get_local_rank("pp"))
+                self.embed_copy_group = self._rank_pairs([(plan.rank_of_piece("embed"), plan.rank_of_piece("head"))])
+            pp_rank = self.mesh.get_local_rank("pp")
+            mirror = mirror_rank(plan, pp_rank)
+            if mirror is not None:
+                mirrors = [(r, m) for r in range(p.pp) if r < (m := mirror_rank(plan, r))]
+                self.mirror_group = self._rank_pairs(mirrors)
+                same_layers_group = self._mirror_replicas(mirrors)
+                self.mirror_second = pp_rank > mirror
+            self.stage_pieces = rank_stage_pieces(plan, pp_rank)
             self.rank_pieces = keep = frozenset().union(*self.stage_pieces.values())
         # Parallelism is applied to a plain model built on the meta device; each rank
         # materialises only its own shards (framework/build.py).
@@ -92,7 +102,7 @@ class Trainer:
         self.pipeline = self._build_pipeline() if p.pp > 1 else None
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.load_balancer = ExpertLoadBalancer(self.model.moe_layers(), cfg.model.bias_update_speed, self.groups.dp)
+        self.load_balancer = ExpertLoadBalancer(self.model.moe_layers(), cfg.model.bias_update_speed, same_layers_group)
         self.load_balancer.install(self.optimizer)
 
         self.loader, self.val_batches = build_data(cfg, self.dp_rank, self.dp_size)
@@ -123,14 +133,26 @@ class Trainer:
         self.wandb_run_id = self.logger.wandb_run_id
         apply_resume_changes(self.resumed_from, self.model, self.optimizer, self.scheduler, cfg.optim, self.logger)
 
-    def _embedding_pairs(self, first: int, last: int) -> dist.ProcessGroup:
-        """The MTP modules on the last stage embed the next tokens: that rank keeps its own copy
-        of the embedding (same name and init). Each copy's gradient is summed with the other's over
-        this group (same data-parallel position on both stages), so the copies stay identical."""
+    def _rank_pairs(self, pp_pairs: list[tuple[int, int]]) -> dist.ProcessGroup | None:
+        """Groups of two ranks, one per (pipeline pair, data-parallel position): the two hold copies
+        of the same parameters, sharded alike, and sum their gradients over this group so the copies
+        stay identical. The MTP modules on the last stage embed the next tokens with their own copy
+        of the embedding; under DualPipe ranks r and pp-1-r hold the same stages of the two model
+        copies. -> this rank's group (None when it is in no pair)."""
         ranks_PRS = self.mesh.mesh
         _, R, S = ranks_PRS.shape
-        pairs = [[int(ranks_PRS[first, r, s]), int(ranks_PRS[last, r, s])] for r in range(R) for s in range(S)]
+        pairs = [
+            [int(ranks_PRS[a, r, s]), int(ranks_PRS[b, r, s])] for a, b in pp_pairs for r in range(R) for s in range(S)
+        ]
         group, _ = dist.new_subgroups_by_enumeration(pairs)  # collective: every rank, same order
+        return group
+
+    def _mirror_replicas(self, pp_pairs: list[tuple[int, int]]) -> dist.ProcessGroup:
+        """DualPipe: every rank that holds the same MoE layers (the data-parallel ranks of both
+        mirror stages), over which the expert loads are summed, as over dp without a pipeline."""
+        ranks_PRS = self.mesh.mesh
+        replicas = [ranks_PRS[a].flatten().tolist() + ranks_PRS[b].flatten().tolist() for a, b in pp_pairs]
+        group, _ = dist.new_subgroups_by_enumeration(replicas)  # collective: every rank, same order
         return group
 
     def _build_pipeline(self) -> PipelineRuntime:
@@ -152,6 +174,34 @@ class Trainer:
             return []
         return [self.model.embed.weight]
 
+    def mirror_copy(self) -> list[torch.nn.Parameter]:
+        """DualPipe: the parameters of the higher rank of a mirror pair, which the lower rank
+        holds too (the gradient norm counts them there)."""
+        return list(self.model.parameters()) if self.mirror_second else []
+
+    @torch.no_grad()
+    def sum_mirror_grads(self, bucket_numel: int = 1 << 24) -> None:
+        """DualPipe: each copy's gradients come from its half of the micro-batches; their sum
+        over the mirror pair is the whole step's, so both copies take the same optimizer step.
+        The local shards (sharded alike on both ranks) travel in flat buckets of `bucket_numel`."""
+        grads = []
+        for p in self.model.parameters():  # the same names in the same order on both ranks
+            if p.grad is None:  # unused by this copy in this step: it takes the other copy's gradient
+                p.grad = torch.zeros_like(p)
+            grads.append(_local(p.grad))
+        start = 0
+        while start < len(grads):
+            end, numel = start + 1, grads[start].numel()
+            while end < len(grads) and numel + grads[end].numel() <= bucket_numel:
+                numel += grads[end].numel()
+                end += 1
+            bucket = grads[start:end]
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=self.mirror_group)
+            for g, summed in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                g.copy_(summed.view_as(g))
+            start = end
+
     @property
     def last_loads(self) -> torch.Tensor:
         """[MoE layers, experts] tokens routed in the last optimizer step, all ranks."""
@@ -171,9 +221,11 @@ class Trainer:
             if self.embed_copy_group is not None and self.model.embed is not None:
                 grad = self.model.embed.weight.grad  # this rank's shard, reduced over dp
                 dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=self.embed_copy_group)
-            # The loss lives on the rank of the last stage; every pipeline rank gets it.
+            if self.mirror_group is not None:
+                self.sum_mirror_grads()
+            # The loss lives on the rank of the last stage (of each copy); every pipeline rank gets it.
             if self.pipeline.holds_last_stage:
-                loss = self.loss_fn.pop_lm_loss()
+                loss = self.loss_fn.pop_lm_loss() * self.pipeline.loss_share
             else:
                 loss = torch.zeros((), device=self.ctx.device)
             dist.all_reduce(loss, group=self.groups.pp)
@@ -197,7 +249,7 @@ class Trainer:
             self.cfg.optim.grad_clip,
             self.ctx.device,
             pp_group=self.groups.pp if self.pipeline is not None else None,  # each stage holds its own grads
-            uncounted=self.embedding_copy(),
+            uncounted=self.embedding_copy() + self.mirror_copy(),
         )
         # One small all-reduce carries both "someone saw a non-finite loss" and "someone got
         # SIGTERM", so every rank takes the same branch.
@@ -448,6 +500,11 @@ def run_to_the_end(trainer: Trainer) -> int:
         print(f"moe-launch: {message}", file=sys.stderr, flush=True)
     trainer.logger.finish()
     return code
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 if __name__ == "__main__":

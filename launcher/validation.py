@@ -176,14 +176,6 @@ def validate_pipeline(cfg: DictConfig, layout: Layout) -> None:
     if layout.pp == 1:
         return
     p, t = cfg.parallel, cfg.train
-    # Two model copies (dualpipe) are not run yet; refuse rather than ignore.
-    runnable = tuple(s for s in PIPELINE_SCHEDULES if s != "dualpipe")
-    _require(
-        p.pp_schedule in runnable,
-        "parallel.pp_schedule",
-        p.pp_schedule,
-        f"not runnable yet with parallel.pp={layout.pp}; allowed: {', '.join(runnable)}",
-    )
     microbatches = t.global_batch_size // layout.dp // t.micro_batch_size
     try:
         check_schedule_args(p.pp_schedule, layout.pp, microbatches)

@@ -33,11 +33,11 @@ def clip_grad_norm(
 ) -> torch.Tensor:
     """Scale every gradient so the global L2 norm is at most max_norm (0 or inf: never).
     With `pp_group`, each pipeline stage holds other parameters: the squares add over it.
-    `uncounted`: dense parameters that another stage holds too (a tied copy), scaled but not
-    counted twice. -> the norm before clipping."""
+    `uncounted`: parameters that another stage holds too (a tied copy, DualPipe's second model
+    copy), scaled but not counted twice. -> the norm before clipping."""
     skip = {id(p) for p in uncounted}
     dense_sq = _squared_norm([p.grad for p in dense if p.grad is not None and id(p) not in skip], device)
-    expert_sq = _squared_norm([p.grad for p in experts if p.grad is not None], device)
+    expert_sq = _squared_norm([p.grad for p in experts if p.grad is not None and id(p) not in skip], device)
     total_sq = dense_sq + expert_sq
     if pp_group is not None:
         dist.all_reduce(total_sq, group=pp_group)

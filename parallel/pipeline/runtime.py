@@ -1,6 +1,7 @@
 """Runs one rank's action list (parallel/pipeline/actions.py) on its stages: a forward keeps its
 input and output for the backward, activations and their gradients travel by isend/irecv on the
-pipeline group (one tag per tensor), and the last stage calls the loss.
+pipeline group (one tag per tensor), and the last stage calls the loss. Everything is keyed by
+(direction, stage, micro-batch): DualPipe's two model copies each have a last stage.
 
 B runs the whole backward (input and weight gradients) and its W does nothing; F&B runs its
 forward, then its backward, one after the other (not overlapped). With `timings` set to a list,
@@ -40,14 +41,15 @@ class PipelineRuntime:
         hidden_dim: int,
         units: dict[int, Sequence[nn.Module]],
     ):
-        if schedule.directions != 1:
-            raise ValueError(f"pipeline schedule {schedule.name!r}: two model copies are not supported by the runtime")
         self.schedule, self.pp_rank, self.group = schedule, pp_rank, pp_group
         self.stage_fn, self.loss_fn, self.hidden_dim = stage_fn, loss_fn, hidden_dim
         self.actions = schedule.actions[pp_rank]
         self.last_stage = schedule.num_stages - 1
-        self.stages = {s for _, s in schedule.stages_of(pp_rank)}
-        self.holds_last_stage = self.last_stage in self.stages
+        self.held = set(schedule.stages_of(pp_rank))  # (direction, stage)
+        last_held = [d for d, s in self.held if s == self.last_stage]
+        self.holds_last_stage = bool(last_held)
+        # The share of the step's micro-batches whose loss this rank computes (both halves under DualPipe).
+        self.loss_share = sum(len(schedule.microbatches_of(d)) for d in last_held) / schedule.microbatches
         self.global_rank = {r: dist.get_global_rank(pp_group, r) for r in range(schedule.pp)}
         self._sync_plan = self._plan_gradient_sync(units)
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
@@ -63,11 +65,13 @@ class PipelineRuntime:
                         last[id(unit)] = (unit, i)
         return list(last.values())
 
-    def _tag(self, kind: Kind, stage: int, microbatch: int) -> int:
-        """One tag per tensor: the boundary it crosses (between stage b and b+1), micro-batch, way."""
+    def _tag(self, kind: Kind, direction: int, stage: int, microbatch: int) -> int:
+        """One tag per tensor: model copy, the boundary it crosses (between stage b and b+1),
+        micro-batch, way."""
         boundary = stage if kind in (Kind.SEND_F, Kind.RECV_B) else stage - 1
         backward = kind in (Kind.SEND_B, Kind.RECV_B)
-        return (boundary * self.schedule.microbatches + microbatch) * 2 + int(backward)
+        crossing = direction * self.schedule.num_stages + boundary
+        return (crossing * self.schedule.microbatches + microbatch) * 2 + int(backward)
 
     def step(self, micro_batches: Sequence[torch.Tensor]) -> None:
         """Run this rank's actions over the step's micro-batches ([B, S+1] tokens each, the same
@@ -80,14 +84,15 @@ class PipelineRuntime:
         self.tokens = [b[:, :-1] for b in micro_batches]
         self.targets = [b[:, 1:] for b in micro_batches]
         self.scale = 1.0 / len(micro_batches)
-        self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # stage input kept for its gradient
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # stage output (the loss on the last stage)
-        self.received: dict[tuple[Kind, int, int], torch.Tensor] = {}
-        self.input_grads: dict[tuple[int, int], torch.Tensor] = {}
-        self.handover: dict[tuple[int, int], torch.Tensor] = {}  # output for the next stage, same rank
+        # keyed by the chunk (direction, stage, micro-batch)
+        self.inputs: dict[tuple[int, int, int], torch.Tensor] = {}  # stage input kept for its gradient
+        self.outputs: dict[tuple[int, int, int], torch.Tensor] = {}  # stage output (the loss on the last stage)
+        self.received: dict[tuple[Kind, int, int, int], torch.Tensor] = {}
+        self.input_grads: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.handover: dict[tuple[int, int, int], torch.Tensor] = {}  # output for the next stage, same rank
         sends: list[tuple[dist.Work, torch.Tensor]] = []
         for index, action in enumerate(self.actions):
-            kind, key = action.kind, (action.stage, action.microbatch)
+            kind, key = action.kind, action.chunk
             if kind in (Kind.RECV_F, Kind.RECV_B):
                 buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
                 dist.irecv(buf, src=self.global_rank[action.peer], group=self.group, tag=self._tag(kind, *key)).wait()
@@ -103,9 +108,9 @@ class PipelineRuntime:
                 start = time.perf_counter() if self.timings is not None else 0.0
                 for part in action.parts():
                     if part.kind is Kind.F:
-                        self._forward(*part.chunk[1:])
+                        self._forward(*part.chunk)
                     elif part.kind is not Kind.W:  # W: its B ran the whole backward
-                        self._backward(part.stage, part.microbatch, index)
+                        self._backward(*part.chunk, index)
                 if self.timings is not None:
                     self.timings.append((action, start, time.perf_counter()))
         for work, _ in sends:
@@ -120,41 +125,43 @@ class PipelineRuntime:
         B, S = self.tokens[microbatch].shape
         return (B, S, self.hidden_dim)
 
-    def _stage_input(self, stage: int, microbatch: int) -> torch.Tensor | None:
+    def _stage_input(self, direction: int, stage: int, microbatch: int) -> torch.Tensor | None:
         if stage == 0:
             return None
-        if stage - 1 in self.stages:  # the previous stage is on this rank: hand over locally
-            h = self.handover.pop((stage - 1, microbatch))
+        if (direction, stage - 1) in self.held:  # the previous stage is on this rank: hand over locally
+            h = self.handover.pop((direction, stage - 1, microbatch))
         else:
-            h = self.received.pop((Kind.RECV_F, stage, microbatch))
+            h = self.received.pop((Kind.RECV_F, direction, stage, microbatch))
         return h.detach().requires_grad_()
 
-    def _forward(self, stage: int, microbatch: int) -> None:
-        h_in = self._stage_input(stage, microbatch)
+    def _forward(self, direction: int, stage: int, microbatch: int) -> None:
+        key = (direction, stage, microbatch)
+        h_in = self._stage_input(*key)
         out = self.stage_fn(stage, self.tokens[microbatch], h_in)
         if stage == self.last_stage:
             out = self.loss_fn(out, self.targets[microbatch]) * self.scale
-        elif stage + 1 in self.stages:
-            self.handover[(stage, microbatch)] = out
+        elif (direction, stage + 1) in self.held:
+            self.handover[key] = out
         if h_in is not None:
-            self.inputs[(stage, microbatch)] = h_in
-        self.outputs[(stage, microbatch)] = out
+            self.inputs[key] = h_in
+        self.outputs[key] = out
 
-    def _backward(self, stage: int, microbatch: int, index: int) -> None:
+    def _backward(self, direction: int, stage: int, microbatch: int, index: int) -> None:
+        key = (direction, stage, microbatch)
         for unit, last_index in self._sync_plan:
             unit.set_requires_gradient_sync(index == last_index, recurse=False)
-        out = self.outputs.pop((stage, microbatch))
+        out = self.outputs.pop(key)
         if stage == self.last_stage:
             torch.autograd.backward(out)
         else:
-            if stage + 1 in self.stages:
-                grad = self.input_grads.pop((stage + 1, microbatch))
+            if (direction, stage + 1) in self.held:
+                grad = self.input_grads.pop((direction, stage + 1, microbatch))
             else:
-                grad = self.received.pop((Kind.RECV_B, stage, microbatch))
+                grad = self.received.pop((Kind.RECV_B, *key))
             torch.autograd.backward(out, grad.to(out.dtype))
-        h_in = self.inputs.pop((stage, microbatch), None)
+        h_in = self.inputs.pop(key, None)
         if h_in is not None:
-            self.input_grads[(stage, microbatch)] = h_in.grad if h_in.grad is not None else torch.zeros_like(h_in)
+            self.input_grads[key] = h_in.grad if h_in.grad is not None else torch.zeros_like(h_in)
 
     @torch.no_grad()
     def forward_only(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, ...] | None:

@@ -1,5 +1,6 @@
 """A rank's pipeline stages cut from the whole model: the pieces each of its stages runs, the
-model pruned to them (parameter names unchanged, so checkpoints move between pp), its FSDP units.
+model pruned to them (parameter names unchanged, so checkpoints move between pp), its FSDP units,
+and under DualPipe its mirror rank (the same stages in the other model copy).
 
 Works on any model with the transformer's attribute names (embed, layers keyed "0".., norm,
 head, mtp); it never imports the framework.
@@ -14,10 +15,26 @@ from parallel.pipeline.stage_cut import StagePlan
 
 def rank_stage_pieces(plan: StagePlan, rank: int) -> dict[int, frozenset[str]]:
     """stage -> the piece names it runs ("embed", "layers.i", "head", "mtp.k"), for the stages
-    `rank` holds (direction 0: the schedules run here have one model copy)."""
-    if len(plan.stage_ranks) != 1:
-        raise ValueError(f"pipeline schedule {plan.schedule!r}: two model copies are not supported by the runtime")
-    return {s: frozenset(plan.stages[s]) for s, r in enumerate(plan.stage_ranks[0]) if r == rank}
+    `rank` holds in any model copy. A stage runs the same pieces in both DualPipe copies, and a
+    rank never holds one stage twice, so the stage number alone names the pieces."""
+    held = [s for ranks in plan.stage_ranks for s, r in enumerate(ranks) if r == rank]
+    if len(held) != len(set(held)):
+        raise ValueError(f"pipeline schedule {plan.schedule!r}: rank {rank} holds a stage twice ({sorted(held)})")
+    return {s: frozenset(plan.stages[s]) for s in sorted(held)}
+
+
+def mirror_rank(plan: StagePlan, rank: int) -> int | None:
+    """The other pipeline rank that holds the same stages (so the same parameters) in the other
+    model copy: pp-1-rank under DualPipe; None with one copy. The two copies' gradients are
+    summed over such a mirror pair, so their weights stay identical."""
+    if len(plan.stage_ranks) == 1:
+        return None
+    forward_copy, reverse_copy = plan.stage_ranks
+    (stage,) = [s for s, r in enumerate(forward_copy) if r == rank]
+    other = reverse_copy[stage]
+    if other == rank or set(rank_stage_pieces(plan, other)) != set(rank_stage_pieces(plan, rank)):
+        raise ValueError(f"pipeline schedule {plan.schedule!r}: rank {rank} has no mirror rank with its stages")
+    return other
 
 
 def keep_pieces(model: nn.Module, pieces: frozenset[str]) -> None:

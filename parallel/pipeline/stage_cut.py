@@ -149,7 +149,11 @@ def plan_stages(pieces: Sequence[Piece], schedule: str, pp: int, virtual_stages:
 
 
 def mtp_needs_embedding(plan: StagePlan) -> bool:
-    """True where the stage with the MTP modules (which embed the next tokens) is on another rank
-    than the embedding: the runtime cannot share one weight across ranks."""
+    """True where a rank holds the stage with the MTP modules (which embed the next tokens) but
+    not the embedding's stage, in any model copy: the runtime cannot share one weight across
+    ranks. Under DualPipe the head's rank holds the embedding's stage of the other copy."""
     has_mtp = any(name.startswith("mtp.") for stage in plan.stages for name in stage)
-    return has_mtp and plan.rank_of_piece("embed") != plan.rank_of_piece("head")
+    embed_stage = next(s for s, names in enumerate(plan.stages) if "embed" in names)
+    head_stage = next(s for s, names in enumerate(plan.stages) if "head" in names)
+    held = [{s for ranks in plan.stage_ranks for s, r in enumerate(ranks) if r == rank} for rank in range(plan.pp)]
+    return has_mtp and any(head_stage in stages and embed_stage not in stages for stages in held)

@@ -63,7 +63,15 @@ BAD = [
         ],
         "parallel.ep=2: must divide parallel.dp_shard=3 or be a multiple",
     ),
-    (["parallel.pp=2", "parallel.pp_schedule=dualpipe"], "parallel.pp_schedule=dualpipe: not runnable yet"),
+    (
+        ["parallel.pp=3", "parallel.pp_schedule=dualpipe", "launcher.nproc_per_node=3", "train.global_batch_size=12"],
+        "dualpipe needs an even pp >= 2",
+    ),
+    (
+        ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "train.global_batch_size=12"],
+        "parallel.pp_schedule=dualpipe with 3 micro-batches",
+    ),
+    (["parallel.pp=4", "parallel.pp_schedule=dualpipe", "launcher.nproc_per_node=4"], "even number >= 2*pp-2 = 6"),
     (
         ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "train.micro_batch_size=8", "model.mtp_depth=0"],
         "dualpipev needs >= 2*pp-1 = 3",
@@ -131,8 +139,13 @@ def test_ranks_start_with_a_string_dp_replicate(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["parallel.pp_schedule=dualpipev"], ["parallel.pp_schedule=1f1b"], ["parallel.pp_schedule=interleaved_1f1b"]],
-    ids=["dualpipev", "1f1b", "interleaved_1f1b"],
+    [
+        ["parallel.pp_schedule=dualpipev"],
+        ["parallel.pp_schedule=1f1b"],
+        ["parallel.pp_schedule=interleaved_1f1b"],
+        ["parallel.pp_schedule=dualpipe"],
+    ],
+    ids=["dualpipev", "1f1b", "interleaved_1f1b", "dualpipe"],
 )
 def test_runnable_pipelines_pass_validation(overrides, capsys):
     code = main(["train", *SYNTH, "--dry-run", "parallel.pp=2", *overrides])

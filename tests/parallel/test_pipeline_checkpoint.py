@@ -14,6 +14,7 @@ PP1 = (1, [])
 PP2 = (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev"])
 PP2_1F1B = (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"])  # both stages hold the embedding (MTP)
 PP4 = (4, ["parallel.pp=4", "parallel.pp_schedule=1f1b"])  # embed+layers.0 | layers.1 | layers.2 | head+MTP
+PP2_DUALPIPE = (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipe"])  # both ranks hold the same (whole) model
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,15 @@ def uninterrupted(tmp_path_factory):
         [(*PP1, 2), (*PP2, STEPS)],
         [(*PP2_1F1B, 2), (*PP1, STEPS)],
         [(*PP2, 1), (*PP1, 2), (*PP4, STEPS)],  # the data position and RNG travel through every launch
+        [(*PP2_DUALPIPE, 2), (*PP1, STEPS)],
     ],
-    ids=["dualpipev pp=2 -> pp=1", "pp=1 -> dualpipev pp=2", "1f1b pp=2 -> pp=1", "dualpipev pp=2 -> pp=1 -> pp=4"],
+    ids=[
+        "dualpipev pp=2 -> pp=1",
+        "pp=1 -> dualpipev pp=2",
+        "1f1b pp=2 -> pp=1",
+        "dualpipev pp=2 -> pp=1 -> pp=4",
+        "dualpipe pp=2 -> pp=1",
+    ],
 )
 def test_resume_at_another_pp_continues_the_curve(launches, uninterrupted, tmp_path):
     losses, draws, step = {}, {}, 0

@@ -34,6 +34,11 @@ LAYOUTS = {
     # 8 stages on 4 ranks: 7 blocks give every stage a block (embed+layers.0 | layers.1 | ... | head+MTP)
     "interleaved_1f1b pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b", "model.n_layers=7"]),
     "dualpipev pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=dualpipev", "model.n_layers=7"]),
+    # two model copies: each mirror pair sums its gradients and expert loads, the norm counts one copy
+    "dualpipe pp=2": (2, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipe"]),
+    "dualpipe pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=dualpipe", "model.n_layers=4"]),
+    "dualpipe pp=2 x ep=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "parallel.ep=2"]),
+    "dualpipe pp=2 x dp_shard=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "parallel.dp_shard=2"]),
 }
 
 

@@ -5,7 +5,7 @@ import torch
 
 from framework.model.transformer import ModelArgs, MoETransformer
 from parallel.pipeline import PIPELINE_SCHEDULES, model_pieces, mtp_needs_embedding, plan_stages
-from parallel.pipeline.stage import keep_pieces, rank_stage_pieces
+from parallel.pipeline.stage import keep_pieces, mirror_rank, rank_stage_pieces
 
 ARGS = ModelArgs(
     dim=32, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=16, ffn_dim=48, num_experts=8,
@@ -18,7 +18,7 @@ def meta_model() -> MoETransformer:
         return MoETransformer(ARGS)
 
 
-@pytest.mark.parametrize("schedule", [s for s in PIPELINE_SCHEDULES if s != "dualpipe"])
+@pytest.mark.parametrize("schedule", PIPELINE_SCHEDULES)
 @pytest.mark.parametrize("pp", [2, 4])
 def test_stages_keep_names_and_cover_the_model(schedule, pp):
     full = {name for name, _ in meta_model().named_parameters()}
@@ -34,6 +34,17 @@ def test_stages_keep_names_and_cover_the_model(schedule, pp):
         assert any(n.startswith("mtp.") for n in names) == ("head" in pieces)
         held |= names
     assert held == full
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_dualpipe_mirror_ranks_hold_the_same_pieces_and_the_embedding_with_the_head(pp):
+    plan = plan_stages(model_pieces(ARGS), "dualpipe", pp)
+    assert [mirror_rank(plan, r) for r in range(pp)] == list(reversed(range(pp)))
+    for rank in range(pp):
+        assert rank_stage_pieces(plan, rank) == rank_stage_pieces(plan, pp - 1 - rank)
+        assert sorted(rank_stage_pieces(plan, rank)) == sorted({rank, pp - 1 - rank})
+    assert not mtp_needs_embedding(plan)  # the head's rank holds the other copy's embedding
+    assert mirror_rank(plan_stages(model_pieces(ARGS), "dualpipev", pp), 0) is None
 
 
 def test_a_dualpipev_stage_runs_its_pieces_only():

@@ -2,9 +2,11 @@
 input and output for the backward, activations and their gradients travel by isend/irecv on the
 pipeline group (one tag per tensor), and the last stage calls the loss.
 
-B runs the whole backward (input and weight gradients) and its W does nothing; F&B runs its
-forward, then its backward, one after the other (not overlapped). With `timings` set to a list,
-each compute action's (action, start, end) is appended to it (time.perf_counter seconds).
+B runs the whole backward (input and weight gradients) and its W does nothing. With `overlap`,
+F&B runs its forward and its backward interleaved at their expert all-to-alls, each one's
+all-to-all in flight while the other computes (parallel/pipeline/overlap.py); without, one
+after the other. With `timings` set to a list, each compute action's (action, start, end) is
+appended to it (time.perf_counter seconds); `a2a_times` holds the last step's all-to-all times.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.all_to_all import TIMES, AllToAllTimes
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
+from parallel.pipeline.overlap import run_overlapped
 
 # stage, input tokens [B, S], the previous stage's output [B, S, D] (None on the first stage)
 StageFn = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor | tuple[torch.Tensor, ...]]
@@ -39,6 +43,7 @@ class PipelineRuntime:
         loss_fn: LossFn,
         hidden_dim: int,
         units: dict[int, Sequence[nn.Module]],
+        overlap: bool = False,
     ):
         if schedule.directions != 1:
             raise ValueError(f"pipeline schedule {schedule.name!r}: two model copies are not supported by the runtime")
@@ -50,6 +55,8 @@ class PipelineRuntime:
         self.holds_last_stage = self.last_stage in self.stages
         self.global_rank = {r: dist.get_global_rank(pp_group, r) for r in range(schedule.pp)}
         self._sync_plan = self._plan_gradient_sync(units)
+        self.overlap, self.units = overlap, units
+        self.a2a_times = AllToAllTimes()  # the last step's expert all-to-alls, this rank
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
         self.timings: list[tuple[Action, float, float]] | None = None
 
@@ -86,6 +93,7 @@ class PipelineRuntime:
         self.input_grads: dict[tuple[int, int], torch.Tensor] = {}
         self.handover: dict[tuple[int, int], torch.Tensor] = {}  # output for the next stage, same rank
         sends: list[tuple[dist.Work, torch.Tensor]] = []
+        TIMES.reset()
         for index, action in enumerate(self.actions):
             kind, key = action.kind, (action.stage, action.microbatch)
             if kind in (Kind.RECV_F, Kind.RECV_B):
@@ -101,7 +109,10 @@ class PipelineRuntime:
                 sends.append((dist.isend(tensor, dst=self.global_rank[action.peer], group=self.group, tag=tag), tensor))
             else:
                 start = time.perf_counter() if self.timings is not None else 0.0
-                for part in action.parts():
+                overlapped = kind is Kind.FB and self.overlap
+                if overlapped:
+                    self._forward_and_backward(action, index)
+                for part in () if overlapped else action.parts():
                     if part.kind is Kind.F:
                         self._forward(*part.chunk[1:])
                     elif part.kind is not Kind.W:  # W: its B ran the whole backward
@@ -110,6 +121,7 @@ class PipelineRuntime:
                     self.timings.append((action, start, time.perf_counter()))
         for work, _ in sends:
             work.wait()
+        self.a2a_times = TIMES.snapshot()
         if self.inputs or self.outputs or self.received or self.input_grads or self.handover:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: the step left unconsumed tensors")
 
@@ -139,6 +151,17 @@ class PipelineRuntime:
         if h_in is not None:
             self.inputs[(stage, microbatch)] = h_in
         self.outputs[(stage, microbatch)] = out
+
+    def _forward_and_backward(self, action: Action, index: int) -> None:
+        """F&B overlapped: the forward here, the backward in a helper thread, switching at each
+        all-to-all (the same points on every rank of a group, so collectives stay in order)."""
+        f, b = action.parts()
+        run_overlapped(
+            lambda: self._forward(f.stage, f.microbatch),
+            lambda: self._backward(b.stage, b.microbatch, index),
+            self.units.get(f.stage, ()),
+            self.units.get(b.stage, ()),
+        )
 
     def _backward(self, stage: int, microbatch: int, index: int) -> None:
         for unit, last_index in self._sync_plan:

@@ -27,12 +27,13 @@ class AllToAllTimes:
     count: int = 0
     total_s: float = 0.0  # post to completion
     exposed_s: float = 0.0  # blocked in the wait
+    hidden_s: float = 0.0  # in flight while this rank ran something else (the other side)
 
     def reset(self) -> None:
-        self.count, self.total_s, self.exposed_s = 0, 0.0, 0.0
+        self.count, self.total_s, self.exposed_s, self.hidden_s = 0, 0.0, 0.0, 0.0
 
     def snapshot(self) -> AllToAllTimes:
-        return AllToAllTimes(self.count, self.total_s, self.exposed_s)
+        return AllToAllTimes(self.count, self.total_s, self.exposed_s, self.hidden_s)
 
 
 TIMES = AllToAllTimes()
@@ -56,9 +57,11 @@ class _Posted:
         self.work.wait()
         self.marked.wait()
         end = time.perf_counter()
+        done = self.done or end
         TIMES.count += 1
         TIMES.exposed_s += end - begin
-        TIMES.total_s += (self.done or end) - self.start
+        TIMES.total_s += done - self.start
+        TIMES.hidden_s += max(0.0, min(done, begin) - self.start)
 
 
 _posted: _Posted | None = None  # set by the op, taken by its caller before anything else runs

@@ -4,8 +4,7 @@
 One op, `moe_launch::all_to_all` (a new buffer, filled by the collective), carries every exchange,
 so selective activation checkpointing keeps its output by name (parallel/activation_checkpoint.py
 _SAVED_OPS) and its rerun sends nothing: the op then returns the kept buffer and no work is waited
-for. `TIMES` adds up, per process, each exchange's time in flight (post to completion) and the
-time spent blocked waiting for it (exposed): their difference is what the overlap hid.
+for. `TIMES` adds up, per process, the time spent blocked waiting for exchanges (exposed).
 """
 
 from __future__ import annotations
@@ -21,19 +20,20 @@ from parallel.pipeline import overlap
 
 @dataclass
 class AllToAllTimes:
-    """Seconds summed over this process's all-to-alls since reset() (host clock: on CUDA the
-    collectives run on their stream and these measure the host only)."""
+    """This process's all-to-alls since reset(), host clock (on CUDA the collectives run on their
+    stream and these measure the host only). No completion callback is used: one would need the
+    GIL from the backend's thread while the other side computes, and delay both."""
 
     count: int = 0
-    total_s: float = 0.0  # post to completion
-    exposed_s: float = 0.0  # blocked in the wait
-    hidden_s: float = 0.0  # in flight while this rank ran something else (the other side)
+    exposed_s: float = 0.0  # blocked in the wait (for the data, or a slow peer to post)
+    in_flight_s: float = 0.0  # post to the end of its wait (the other side's compute in between)
+    ready: int = 0  # already complete when their wait began: fully hidden
 
     def reset(self) -> None:
-        self.count, self.total_s, self.exposed_s, self.hidden_s = 0, 0.0, 0.0, 0.0
+        self.count, self.exposed_s, self.in_flight_s, self.ready = 0, 0.0, 0.0, 0
 
     def snapshot(self) -> AllToAllTimes:
-        return AllToAllTimes(self.count, self.total_s, self.exposed_s, self.hidden_s)
+        return AllToAllTimes(self.count, self.exposed_s, self.in_flight_s, self.ready)
 
 
 TIMES = AllToAllTimes()
@@ -42,26 +42,21 @@ _GROUPS: dict[str, dist.ProcessGroup] = {}  # the op takes a group by name
 
 
 class _Posted:
-    """A posted exchange; its completion time is taken by the backend's thread (gloo) as it ends."""
+    """A posted exchange."""
 
     def __init__(self, work: dist.Work):
-        self.work, self.start, self.done = work, time.perf_counter(), 0.0
-        self.marked = work.get_future().then(self._mark)
-
-    def _mark(self, _future) -> None:
-        self.done = time.perf_counter()
+        self.work, self.start = work, time.perf_counter()
 
     def wait(self) -> None:
         overlap.note("wait")
+        ready = self.work.is_completed()
         begin = time.perf_counter()
         self.work.wait()
-        self.marked.wait()
         end = time.perf_counter()
-        done = self.done or end
         TIMES.count += 1
+        TIMES.ready += int(ready)
         TIMES.exposed_s += end - begin
-        TIMES.total_s += done - self.start
-        TIMES.hidden_s += max(0.0, min(done, begin) - self.start)
+        TIMES.in_flight_s += end - self.start
 
 
 _posted: _Posted | None = None  # set by the op, taken by its caller before anything else runs

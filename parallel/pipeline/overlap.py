@@ -13,6 +13,7 @@ and FSDP2's end-of-backward callback (which touches every unit) runs once both s
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -147,6 +148,31 @@ class _FsdpSides:
             self.root._state_ctx.post_backward_final_callback_queued = False
 
 
+class _Helper:
+    """One long-lived thread per process for the backward sides: a new thread per F&B would pay
+    its start-up and the math libraries' per-thread set-up every time."""
+
+    def __init__(self):
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="pipeline-backward", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            task, done = self.tasks.get()
+            try:
+                task()
+            finally:
+                done.set()
+
+    def start(self, task: Callable[[], None]) -> threading.Event:
+        done = threading.Event()
+        self.tasks.put((task, done))
+        return done
+
+
+_helper: _Helper | None = None
+
+
 def run_overlapped(
     forward: Callable[[], None],
     backward: Callable[[], None],
@@ -186,12 +212,14 @@ def run_overlapped(
             with torch.set_grad_enabled(grad_enabled):
                 side(backward, BACKWARD)
 
-        helper = threading.Thread(target=backward_thread, name="pipeline-backward", daemon=True)
+        global _helper
+        if _helper is None:
+            _helper = _Helper()
         _active = baton
         try:
-            helper.start()
+            backward_done = _helper.start(backward_thread)
             side(forward, FORWARD)
-            helper.join()
+            backward_done.wait()
         finally:
             _active = None
         if errors:

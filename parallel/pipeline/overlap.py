@@ -183,7 +183,7 @@ def run_overlapped(
     """Run `forward` (in this thread) and `backward` (in a helper thread; it calls
     torch.autograd.backward) interleaved at their all-to-alls. `*_units` are the FSDP2 modules
     each side uses. `trace`, when a list, receives (seconds, side, event) tuples."""
-    global _active
+    global _active, _helper
     if _active is not None:
         raise RuntimeError("an overlapped F&B is already running in this process")
     grad_enabled = torch.is_grad_enabled()
@@ -206,18 +206,17 @@ def run_overlapped(
                 order.append(me)
                 baton.finish(me)
 
-        def backward_thread() -> None:
+        def backward_side() -> None:
             if device is not None:
                 torch.cuda.set_device(device)  # the current device is per thread
             with torch.set_grad_enabled(grad_enabled):
                 side(backward, BACKWARD)
 
-        global _helper
         if _helper is None:
             _helper = _Helper()
         _active = baton
         try:
-            backward_done = _helper.start(backward_thread)
+            backward_done = _helper.start(backward_side)
             side(forward, FORWARD)
             backward_done.wait()
         finally:

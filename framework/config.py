@@ -21,6 +21,9 @@ class ParallelConfig:
 
     pp: int = 1
     pp_schedule: str = "1f1b"
+    # dualpipe/dualpipev with ep > 1: each F&B runs its forward and backward interleaved at the
+    # expert all-to-alls, so one's all-to-all is in flight while the other computes; false: F then B
+    pp_overlap: bool = True
     dp_replicate: Any = "auto"  # an int >= 1, or "auto": whatever the world size leaves
     dp_shard: int = -1  # -1: every data-parallel rank not taken by an explicit dp_replicate
     ep: int = 1

@@ -166,7 +166,10 @@ class Trainer:
 
         units = {s: fsdp_units(self.model, pieces) for s, pieces in self.stage_pieces.items()}
         pp_rank = self.mesh.get_local_rank("pp")
-        return PipelineRuntime(schedule, pp_rank, self.groups.pp, run_stage, self.loss_fn, self.cfg.model.dim, units)
+        overlap = self.cfg.parallel.pp_overlap and self.layout.ep > 1  # F&B overlaps at the expert all-to-alls
+        return PipelineRuntime(
+            schedule, pp_rank, self.groups.pp, run_stage, self.loss_fn, self.cfg.model.dim, units, overlap
+        )
 
     def embedding_copy(self) -> list[torch.nn.Parameter]:
         """The embedding held by the last stage for its MTP modules: the first stage's is counted."""

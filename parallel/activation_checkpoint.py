@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
+import parallel.all_to_all  # noqa: F401  (registers moe_launch::all_to_all, kept by "selective")
 from parallel.compat import detach_below_autograd, ops_that_exist, torch_dispatch_mode
 from parallel.plan import ACTIVATION_CHECKPOINTING
 
@@ -38,8 +39,7 @@ _SAVED_OPS = ops_that_exist(
     "aten._scaled_dot_product_flash_attention_for_cpu",
     "aten._scaled_dot_product_efficient_attention",
     "aten._scaled_dot_product_cudnn_attention",
-    "_c10d_functional.all_to_all_single",
-    "_c10d_functional_autograd.all_to_all_single",
+    "moe_launch.all_to_all",  # parallel/all_to_all.py: every expert exchange, counts included
 )
 
 # Per thread: on CUDA the backward (and so the recomputation) runs on autograd's device thread

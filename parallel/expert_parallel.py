@@ -2,7 +2,9 @@
 
 `AllToAllDispatcher` has the same dispatch()/combine() as the local one: exchange
 per-expert counts, permute tokens by destination, one variable-size all-to-all (autograd
-flows through it), regroup by local expert; combine runs the same steps backwards.
+flows through it; parallel/all_to_all.py, which also hands over to the other side of an
+overlapped F&B while it is in flight), regroup by local expert; combine runs the same steps
+backwards.
 `apply_expert_parallel` swaps it into every MoE layer and turns each expert weight into
 a DTensor sharded over the EP ranks: each rank holds its experts, while the weight keeps
 its global shape, so checkpoints and full_tensor() see the whole expert stack.
@@ -15,11 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from parallel.activation_checkpoint import is_recomputing
+from parallel.all_to_all import all_to_all, exchange
 from parallel.token_dispatch import DispatchMeta, count_per_expert, weighted_sum_to_tokens
 
 
@@ -46,15 +48,14 @@ class AllToAllDispatcher:
         x_ND = x_TD.index_select(0, order_N // K)
         counts_E = count_per_expert(expert_N, num_experts)
         # recv_counts[s, j]: rows source rank s sends to my local expert j.
-        recv_counts = torch.empty_like(counts_E)  # [R x L], flat
-        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        recv_counts = exchange(counts_E, [local] * self.ep_size, [local] * self.ep_size, self.group)  # [R x L], flat
         counts_RL, recv_RL = counts_E.view(self.ep_size, local), recv_counts.view(self.ep_size, local)
         # Host sync, kept: all_to_all_single needs the split sizes on the host. One read for both.
         send_splits, recv_splits = torch.stack([counts_RL.sum(1), recv_RL.sum(1)]).tolist()
         if not is_recomputing():  # activation checkpointing reruns this in the backward
             self._count_cross_node(send_splits)
 
-        x_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.group)
+        x_MD = all_to_all(x_ND, recv_splits, send_splits, self.group)
         # Received rows come as (source rank, local expert) blocks; the grouped GEMM wants
         # them as (local expert, source rank).
         blocks = torch.arange(self.ep_size * local, device=x_MD.device)
@@ -67,9 +68,7 @@ class AllToAllDispatcher:
     def combine(self, y_MD, meta, topk_weights_TK):
         inverse_M = torch.empty_like(meta.regroup_M)
         inverse_M[meta.regroup_M] = torch.arange(meta.regroup_M.numel(), device=meta.regroup_M.device)
-        y_ND = all_to_all_single_autograd(
-            y_MD.index_select(0, inverse_M), meta.send_splits, meta.recv_splits, self.group
-        )
+        y_ND = all_to_all(y_MD.index_select(0, inverse_M), meta.send_splits, meta.recv_splits, self.group)
         return weighted_sum_to_tokens(y_ND, meta, topk_weights_TK)
 
     def _count_cross_node(self, send_splits: list[int]) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from parallel.memory import local_bytes  # noqa: E402
@@ -79,33 +78,27 @@ class _A2ATime:
 
 def _install_a2a_timers(timer: _A2ATime) -> None:
     """Benchmark-only patches of the names parallel/expert_parallel.py calls:
-    - `all_to_all_single_autograd` (token payload, dispatch and combine) becomes an autograd
-      Function that calls the original and waits for it, timing it, and whose backward runs the
-      original with the splits reversed (what the library's registered backward does), timed too;
-    - `torch.distributed.all_to_all_single` (the per-expert count exchange) is timed as it is.
+    - `all_to_all` (token payload, dispatch and combine) becomes an autograd Function that runs
+      the exchange (parallel/all_to_all.py: post, wait) timed, and whose backward runs it with
+      the splits reversed (what the library's backward does), timed too;
+    - `exchange` (the per-expert count exchange) is timed as it is.
     Every timed call includes the wait for the slowest peer, which is what a rank loses."""
-    from torch.distributed import _functional_collectives as funcol
-
     import parallel.expert_parallel as ep_mod
-
-    orig_payload, orig_counts = ep_mod.all_to_all_single_autograd, dist.all_to_all_single
-
-    def done(t: torch.Tensor) -> torch.Tensor:
-        return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
+    from parallel.all_to_all import exchange
 
     class TimedAllToAll(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, out_splits, in_splits, group):
             ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
             t0 = time.perf_counter()
-            y = done(orig_payload(x, out_splits, in_splits, group))
+            y = exchange(x, out_splits, in_splits, group)
             timer.fwd += time.perf_counter() - t0
             return y
 
         @staticmethod
         def backward(ctx, grad_y):
             t0 = time.perf_counter()
-            grad_x = done(orig_payload(grad_y.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group))
+            grad_x = exchange(grad_y, ctx.in_splits, ctx.out_splits, ctx.group)
             timer.bwd += time.perf_counter() - t0
             return grad_x, None, None, None
 
@@ -115,12 +108,12 @@ def _install_a2a_timers(timer: _A2ATime) -> None:
     def timed_counts(*a, **kw):
         t0 = time.perf_counter()
         try:
-            return orig_counts(*a, **kw)
+            return exchange(*a, **kw)
         finally:
             timer.counts += time.perf_counter() - t0
 
-    ep_mod.all_to_all_single_autograd = timed_payload
-    dist.all_to_all_single = timed_counts
+    ep_mod.all_to_all = timed_payload
+    ep_mod.exchange = timed_counts
 
 
 def _rss_now_mib() -> float:

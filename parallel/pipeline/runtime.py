@@ -3,9 +3,11 @@ input and output for the backward, activations and their gradients travel by ise
 pipeline group (one tag per tensor), and the last stage calls the loss. Everything is keyed by
 (direction, stage, micro-batch): DualPipe's two model copies each have a last stage.
 
-B runs the whole backward (input and weight gradients) and its W does nothing; F&B runs its
-forward, then its backward, one after the other (not overlapped). With `timings` set to a list,
-each compute action's (action, start, end) is appended to it (time.perf_counter seconds).
+B runs the whole backward (input and weight gradients) and its W does nothing. With `overlap`,
+F&B runs its forward and its backward interleaved at their expert all-to-alls, each one's
+all-to-all in flight while the other computes (parallel/pipeline/overlap.py); without, one
+after the other. With `timings` set to a list, each compute action's (action, start, end) is
+appended to it (time.perf_counter seconds); `a2a_times` holds the last step's all-to-all times.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.all_to_all import TIMES, AllToAllTimes
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
+from parallel.pipeline.overlap import run_overlapped
 
 # stage, input tokens [B, S], the previous stage's output [B, S, D] (None on the first stage)
 StageFn = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor | tuple[torch.Tensor, ...]]
@@ -40,6 +44,7 @@ class PipelineRuntime:
         loss_fn: LossFn,
         hidden_dim: int,
         units: dict[int, Sequence[nn.Module]],
+        overlap: bool = False,
     ):
         self.schedule, self.pp_rank, self.group = schedule, pp_rank, pp_group
         self.stage_fn, self.loss_fn, self.hidden_dim = stage_fn, loss_fn, hidden_dim
@@ -52,6 +57,8 @@ class PipelineRuntime:
         self.loss_share = sum(len(schedule.microbatches_of(d)) for d in last_held) / schedule.microbatches
         self.global_rank = {r: dist.get_global_rank(pp_group, r) for r in range(schedule.pp)}
         self._sync_plan = self._plan_gradient_sync(units)
+        self.overlap, self.units = overlap, units
+        self.a2a_times = AllToAllTimes()  # the last step's expert all-to-alls, this rank
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
         self.timings: list[tuple[Action, float, float]] | None = None
 
@@ -91,6 +98,7 @@ class PipelineRuntime:
         self.input_grads: dict[tuple[int, int, int], torch.Tensor] = {}
         self.handover: dict[tuple[int, int, int], torch.Tensor] = {}  # output for the next stage, same rank
         sends: list[tuple[dist.Work, torch.Tensor]] = []
+        TIMES.reset()
         for index, action in enumerate(self.actions):
             kind, key = action.kind, action.chunk
             if kind in (Kind.RECV_F, Kind.RECV_B):
@@ -106,7 +114,10 @@ class PipelineRuntime:
                 sends.append((dist.isend(tensor, dst=self.global_rank[action.peer], group=self.group, tag=tag), tensor))
             else:
                 start = time.perf_counter() if self.timings is not None else 0.0
-                for part in action.parts():
+                overlapped = kind is Kind.FB and self.overlap
+                if overlapped:
+                    self._forward_and_backward(action, index)
+                for part in () if overlapped else action.parts():
                     if part.kind is Kind.F:
                         self._forward(*part.chunk)
                     elif part.kind is not Kind.W:  # W: its B ran the whole backward
@@ -115,6 +126,7 @@ class PipelineRuntime:
                     self.timings.append((action, start, time.perf_counter()))
         for work, _ in sends:
             work.wait()
+        self.a2a_times = TIMES.snapshot()
         if self.inputs or self.outputs or self.received or self.input_grads or self.handover:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: the step left unconsumed tensors")
 
@@ -145,6 +157,17 @@ class PipelineRuntime:
         if h_in is not None:
             self.inputs[key] = h_in
         self.outputs[key] = out
+
+    def _forward_and_backward(self, action: Action, index: int) -> None:
+        """F&B overlapped: the forward here, the backward in a helper thread, switching at each
+        all-to-all (the same points on every rank of a group, so collectives stay in order)."""
+        f, b = action.parts()
+        run_overlapped(
+            lambda: self._forward(*f.chunk),
+            lambda: self._backward(*b.chunk, index),
+            self.units.get(f.stage, ()),
+            self.units.get(b.stage, ()),
+        )
 
     def _backward(self, direction: int, stage: int, microbatch: int, index: int) -> None:
         key = (direction, stage, microbatch)

@@ -44,6 +44,7 @@ BAD = [
     (["launcher.nproc_per_node=0"], "launcher.nproc_per_node=0"),
     (["launcher.nnodes=2"], "launcher.nnodes=2"),
     (["parallel.pp_schedule=bogus"], "allowed: 1f1b"),
+    (["parallel.pp_overlap=maybe"], "parallel.pp_overlap: Value 'maybe' is not a valid bool"),
     (["parallel.dp_shard=3"], "parallel.dp_shard=3"),
     (["parallel.dp_replicate=x"], "parallel.dp_replicate=x"),
     (["parallel.ep=4"], "parallel.ep=4: must divide the 2 data-parallel ranks"),

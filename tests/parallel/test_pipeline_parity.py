@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 3
 NO_MTP = ["model.mtp_depth=0"]
+DUALPIPEV_EP = ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.ep=2"]
 
 LAYOUTS = {
     # the last stage's MTP modules use a copy of the embedding, its gradient summed with the first's
@@ -26,7 +27,13 @@ LAYOUTS = {
     "interleaved_1f1b pp=2": (2, NO_MTP, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
     "dualpipev pp=2": (2, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipev"]),
     "1f1b pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=1f1b", "model.n_layers=4"]),
-    "dualpipev pp=2 x ep=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.ep=2"]),
+    # parallel.pp_overlap (default true): each F&B's forward and backward interleave at the
+    # all-to-alls ("dualpipev pp=2" has ep=1, so its F&Bs run F then B)
+    "dualpipev pp=2 x ep=2": (4, [], DUALPIPEV_EP),
+    # the overlapped step with checkpointing: the rerun's all-to-alls in the backward side (full),
+    # or kept from the forward (selective)
+    "dualpipev pp=2 x ep=2 AC full": (4, [], [*DUALPIPEV_EP, "train.activation_checkpointing=full"]),
+    "dualpipev pp=2 x ep=2 AC selective": (4, [], [*DUALPIPEV_EP, "train.activation_checkpointing=selective"]),
     "1f1b pp=2 x dp_shard=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.dp_shard=2"]),
     # pp=4, the same 4-block model as 1f1b pp=4 (one reference): embed+2 blocks | block | block | head+MTP
     "gpipe pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=gpipe", "model.n_layers=4"]),

@@ -1,0 +1,137 @@
+"""Benchmark the overlapped F&B (CPU, gloo): dualpipev at pp=2 x ep=2 (4 processes), the same
+trainer with parallel.pp_overlap off and on, step by step in turn; step time, all-to-all time in
+flight and exposed (ranks blocked waiting for it), its share of the step, and the share hidden.
+
+Every rank runs the real trainer's pipelined forward_backward_step; the runtime switches between
+F then B and the overlapped F&B per step (`PipelineRuntime.overlap`), so both modes see the same
+model, data sizes and machine load. The all-to-all times are the runtime's per-step record
+(parallel/all_to_all.py TIMES), per rank; the table shows their mean over ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from framework.config import Config  # noqa: E402
+from scripts.benchlib import print_table, rotated, run_ranks  # noqa: E402
+
+MODES = ("off", "on")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--microbatches", type=int, default=6, help="micro-batches per step and data-parallel rank")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4, help="blocks (the first dense, the rest MoE)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per mode")
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 timed step per mode: a smoke test")
+    args = p.parse_args()
+    if args.quick:
+        args.dim, args.layers, args.seq_len, args.micro_batch_size = 32, 3, 16, 1
+        args.microbatches, args.warmup, args.steps = 3, 0, 1
+    if args.microbatches < 3:
+        p.error(f"--microbatches={args.microbatches}: dualpipev at pp=2 needs >= 3")
+    return args
+
+
+def config_yaml(args: argparse.Namespace, run_dir: str) -> str:
+    heads = max(2, args.dim // 32)
+    dotlist = [
+        f"model.dim={args.dim}", f"model.n_layers={args.layers}", f"model.n_heads={heads}",
+        f"model.n_kv_heads={heads // 2}", "model.vocab_size=256", f"model.seq_len={args.seq_len}",
+        f"model.ffn_dim={2 * args.dim}", "model.num_experts=8", "model.num_shared_experts=1", "model.top_k=2",
+        f"model.expert_dim={args.dim // 2}", "model.first_k_dense=1", "model.mtp_depth=1",
+        f"train.global_batch_size={2 * args.microbatches * args.micro_batch_size}",
+        f"train.micro_batch_size={args.micro_batch_size}", "train.device=cpu",
+        "parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.ep=2",
+        "data.source=synthetic", "data.synthetic_tokens=400000", "logging.wandb.mode=disabled",
+    ]  # fmt: skip
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(dotlist))
+    cfg.launcher.nproc_per_node, cfg.run_dir = 4, run_dir
+    return OmegaConf.to_yaml(cfg)
+
+
+def _measure(rank: int, world: int, cfg_yaml: str, warmup: int, steps: int) -> dict:
+    """-> per mode, per timed step: this rank's step seconds (from a barrier to its return) and
+    its all-to-all seconds in flight and exposed."""
+    from framework.distributed import DistContext
+    from framework.train import Trainer
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
+    trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+    results: dict[str, list[dict]] = {m: [] for m in MODES}
+    for turn in range(warmup + steps):
+        for mode in rotated(MODES, turn):  # alternate, so drift and load hit both modes alike
+            trainer.pipeline.overlap = mode == "on"
+            batches = trainer.loader.next_step()
+            dist.barrier()
+            start = time.perf_counter()
+            trainer.forward_backward_step(batches)
+            seconds = time.perf_counter() - start
+            trainer.optimizer.zero_grad(set_to_none=True)
+            a2a = trainer.pipeline.a2a_times
+            if turn >= warmup:
+                results[mode].append({"step": seconds, "exposed": a2a.exposed_s, "n": a2a.count, "ready": a2a.ready})
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    cores = len(os.sched_getaffinity(0))
+    print(f"# overlapped F&B, dualpipev pp=2 x ep=2, CPU/gloo, 4 processes x 1 thread, {cores} cores on this machine")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"model: dim {args.dim}, {args.layers} blocks (1 dense, MoE 8 experts top-2, 1 shared), MTP 1, "
+        f"seq {args.seq_len}; {args.microbatches} micro-batches of {args.micro_batch_size} per step and "
+        f"data-parallel rank; {args.warmup} warm-up + {args.steps} timed steps per mode, in turn"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        per_rank = run_ranks(_measure, 4, config_yaml(args, tmp), args.warmup, args.steps, timeout_s=1800)
+    rows, exposed_off = [], None
+    for mode in MODES:
+        # a step lasts as long as its slowest rank; all-to-all times are per rank, averaged
+        step = statistics.fmean(max(r[mode][i]["step"] for r in per_rank) for i in range(args.steps))
+        exposed = statistics.fmean(x["exposed"] for r in per_rank for x in r[mode])
+        count = statistics.fmean(x["n"] for r in per_rank for x in r[mode])
+        ready = statistics.fmean(x["ready"] / x["n"] for r in per_rank for x in r[mode] if x["n"])
+        exposed_off = exposed if mode == "off" else exposed_off
+        hidden = f"{100 * (1 - exposed / exposed_off):.0f}" if mode == "on" and exposed_off else "-"
+        rows.append(
+            [
+                mode,
+                f"{1e3 * step:.0f}",
+                f"{count:.0f}",
+                f"{1e3 * exposed:.1f}",
+                f"{100 * exposed / step:.1f}",
+                f"{100 * ready:.0f}",
+                hidden,
+            ]
+        )
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print()
+    header = ["pp_overlap", "step ms", "all-to-alls", "exposed ms", "exposed % of step", "done before wait %"]
+    print_table([*header, "hidden % (vs off)"], rows, left=1)
+    print()
+    print("per rank and step, mean over ranks. exposed: time blocked waiting for all-to-alls (for the data,")
+    print("for a slow peer to post too, for this thread to wake up); with pp_overlap off that is the")
+    print("all-to-all time. done before wait: all-to-alls already complete when waited for (fully hidden).")
+    print("hidden: 1 - exposed(on) / exposed(off).")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,11 +9,12 @@ step; a rank's bubble is the share of it the rank spends outside compute actions
 receives, posting sends, the pipeline's fill and drain).
 
 The simulator (parallel/pipeline/simulate.py) replays the same action lists with each rank's mean
-time per action kind and stage, and two message costs measured from the same run's receives:
-`comm`, the time from a send's posting to the return of a receive that waited for it, and `recv`,
-the time a receive takes when its tensor was sent before the receive was posted (gloo moves a
-tensor only after its receive is posted: a round trip through the sender's communication thread,
-slow when that process's cores are busy). A second table shows what each input adds.
+time per action kind and stage, and three message costs measured from the same run's timestamps:
+`recv`, the time a receive takes when its tensor was sent before the receive was posted (gloo
+moves a tensor only after its receive is posted: a round trip through the sender's communication
+thread, slow when that process's cores are busy); `comm`, the time from a send's posting to the
+return of a receive that waited for it; `send`, the time between actions per send posted there.
+A second table shows what each input adds, a third the message costs and the cores' sharing.
 """
 
 from __future__ import annotations
@@ -157,12 +158,14 @@ def recorded(schedule: PipelineSchedule, rank: int) -> list[Action]:
     return [a for a in schedule.actions[rank] if a.is_compute or a.kind in RECV_KINDS]
 
 
-def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> tuple[dict, list[float], list[tuple]]:
-    """One step on every rank -> window, per-rank busy and receive time, each compute action's
-    duration, and the receives split into late ones (posted after their send: their duration)
-    and waiting ones (posted before: from the send to their return, and their head start)."""
+def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
+    """One step on every rank -> the window, per rank its busy time, time in receives and the
+    gaps between its recorded actions (where it posts its sends), each compute action's
+    duration, each receive's (message, start, end), where each send sits: (message, end of the
+    recorded action before it, sends posted between that action and this one), and how many
+    sends lie between recorded actions (not after a rank's last one)."""
     t0, t1 = max(run["start"] for run in runs), max(run["end"] for run in runs)
-    durations, busy, receiving, sent_at, receives = {}, [], [], {}, []
+    durations, busy, receiving, between, sends, receives, inside = {}, [], [], [], [], [], 0
     for rank, run in enumerate(runs):
         actions = recorded(schedule, rank)
         names = [name for name, _, _ in run["spans"]]
@@ -172,24 +175,49 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> tuple[dict, lis
                 f"expected {len(actions)} (compute and receives in action-list order)"
             )
         spans = {a: (s, e) for a, (_, s, e) in zip(actions, run["spans"], strict=True)}
-        last_end = t0
+        last_end, posted = t0, 0
         for a in schedule.actions[rank]:
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
-                sent_at[message(rank, a)] = last_end  # posted right after the action it sends
-            elif a.kind in RECV_KINDS:
-                receives.append((message(rank, a), *spans[a]))
-            else:
-                last_end = spans[a][1]
+                sends.append((message(rank, a), last_end, posted))
+                posted += 1
+                continue
+            last_end, posted = spans[a][1], 0
+            if a.is_compute:
                 durations[(rank, a)] = spans[a][1] - spans[a][0]
+            else:
+                receives.append((message(rank, a), *spans[a]))
         busy.append(sum(durations[(rank, a)] for a in actions if a.is_compute))
         receiving.append(sum(spans[a][1] - spans[a][0] for a in actions if not a.is_compute))
+        between.append(spans[actions[-1]][1] - spans[actions[0]][0] - busy[-1] - receiving[-1])
+        inside += sum(a.kind in (Kind.SEND_F, Kind.SEND_B) for a in schedule.actions[rank]) - posted
+    return {
+        "window": t1 - t0, "busy": busy, "receiving": receiving, "between": between,
+        "durations": durations, "sends": sends, "receives": receives, "sends_between": inside,
+    }  # fmt: skip
+
+
+def message_costs(split: list[dict]) -> tuple[Durations, float]:
+    """-> the three message costs the simulator takes, from the steps' timestamps, and the share of
+    late receives. `send`: the gaps
+    between a rank's recorded actions per send posted in them; `recv`, the mean time of a receive
+    posted after its tensor was sent (late); `comm`, the mean time from a send's posting to the
+    return of a receive that was posted long enough before it to have finished its handshake."""
+    sends = sum(step["sends_between"] for step in split)
+    send = sum(sum(step["between"]) for step in split) / sends if sends else 0.0
     late, waited = [], []
-    for key, start, end in receives:
-        if sent_at[key] <= start:
-            late.append(end - start)
-        else:
-            waited.append((sent_at[key] - start, end - sent_at[key]))
-    return {"window": t1 - t0, "busy": busy, "receiving": receiving, "durations": durations}, late, waited
+    for step in split:
+        sent_at = {key: after + posted * send for key, after, posted in step["sends"]}
+        for key, start, end in step["receives"]:
+            if sent_at[key] <= start:
+                late.append(end - start)
+            else:
+                waited.append((sent_at[key] - start, end - sent_at[key]))
+    recv = statistics.fmean(late) if late else 0.0
+    # A receive posted less than `recv` before its send may still be in its handshake: bounded by
+    # that, not by the latency.
+    clean = [latency for head_start, latency in waited if head_start >= recv]
+    comm = statistics.fmean(clean or [latency for _, latency in waited]) if waited else 0.0
+    return Durations(comm=comm, send=send, recv=recv), len(late) / max(1, len(late) + len(waited))
 
 
 def _oversubscribed_share(runs: list[dict], schedule: PipelineSchedule, cores: int) -> float:
@@ -212,18 +240,8 @@ def analyse(name: str, pp: int, microbatches: int, per_rank: list[dict], cores: 
     """Measured bubbles and the simulator's predictions for one schedule at one pp."""
     schedule = build_schedule(name, pp, microbatches)
     steps = [[per_rank[r][name][i] for r in range(pp)] for i in range(len(per_rank[0][name]))]
-    split, late, waited = [], [], []
-    for runs in steps:
-        step, step_late, step_waited = _split_step(schedule, runs)
-        split.append(step)
-        late += step_late
-        waited += step_waited
-    recv_cost = statistics.fmean(late) if late else 0.0
-    # A receive that waited returns `comm` after the send only if it was posted long enough before
-    # for its own handshake (recv_cost) to have finished; the others are bounded by the handshake.
-    clean = [latency for head_start, latency in waited if head_start >= recv_cost]
-    comm = statistics.fmean(clean or [latency for _, latency in waited]) if waited else 0.0
-    messages = Durations(comm=comm, recv=recv_cost)
+    split = [_split_step(schedule, runs) for runs in steps]
+    messages, late_share = message_costs(split)
 
     per_stage: dict[tuple[int, tuple], list[float]] = {}
     per_kind: dict[str, list[float]] = {"F": [], "B": [], "W": [], "F&B": []}
@@ -256,11 +274,13 @@ def analyse(name: str, pp: int, microbatches: int, per_rank: list[dict], cores: 
         "uniform": statistics.fmean(shares(uniform)),
         "stage_only": statistics.fmean(shares(stage_only)),
         "replay": statistics.fmean(statistics.fmean(r) for r in replays),
-        "receives": len(late) + len(waited),
-        "late_share": len(late) / max(1, len(late) + len(waited)),
-        "recv_ms": 1e3 * recv_cost,
-        "comm_ms": 1e3 * comm,
+        "receives": sum(len(step["receives"]) for step in split),
+        "late_share": late_share,
+        "recv_ms": 1e3 * messages.recv,
+        "send_ms": 1e3 * messages.send,
+        "comm_ms": 1e3 * messages.comm,
         "receiving": statistics.fmean(sum(s["receiving"]) / (pp * s["window"]) for s in split),
+        "between": statistics.fmean(sum(s["between"]) / (pp * s["window"]) for s in split),
         "compute_ms": 1e3 * statistics.fmean(sum(s["busy"]) for s in split),
         "oversubscribed": statistics.fmean(_oversubscribed_share(runs, schedule, cores) for runs in steps),
         "kind_ms": {k: 1e3 * v for k, v in kind_mean.items()},
@@ -321,8 +341,8 @@ def main() -> None:
             ])  # fmt: skip
             costs.append([
                 name, pp, a["receives"] // args.steps, f"{100 * a['late_share']:.0f}", f"{a['recv_ms']:.2f}",
-                f"{a['comm_ms']:.2f}", f"{100 * a['receiving']:.1f}", f"{a['compute_ms']:.0f}",
-                f"{100 * a['oversubscribed']:.0f}",
+                f"{a['comm_ms']:.2f}", f"{a['send_ms']:.2f}", f"{100 * a['receiving']:.1f}",
+                f"{100 * a['between']:.1f}", f"{a['compute_ms']:.0f}", f"{100 * a['oversubscribed']:.0f}",
             ])  # fmt: skip
             k = a["kind_ms"]
             kinds.append([name, pp, *(f"{k[x]:.1f}" if k[x] else "-" for x in ("F", "B", "W", "F&B"))])
@@ -339,7 +359,8 @@ def main() -> None:
     print()
     print("messages and cores (late: the receive was posted after its tensor was sent):")
     header = ["schedule", "pp", "receives per step", "late %", "late receive ms", "send-to-waiting-receive ms"]
-    header += ["time in receives %", "compute ms (all ranks)", f"time with > {cores} ranks computing %"]
+    header += ["posting a send ms", "time in receives %", "between actions %", "compute ms (all ranks)"]
+    header += [f"time with > {cores} ranks computing %"]
     print_table(header, costs, left=1)
     print()
     print("mean measured time per action (ms; B includes the weight gradients, W does nothing):")

@@ -17,11 +17,12 @@ class Durations:
 
     f: forward; b: input-gradient backward; w: weight-gradient backward (a full backward BW
     takes b + w); fb: one F&B, a forward overlapped with a full backward (None: f + b + w,
-    i.e. no gain from the overlap); comm: a point-to-point message's latency, from the send's
-    posting to its arrival at a receiver that waits for it (sends are asynchronous, so it only
-    delays the receiver); recv: the least time a receive takes even when its message was sent
-    long before (a rendezvous: gloo moves a tensor only once its receive is posted, a round
-    trip through the sender's communication thread).
+    i.e. no gain from the overlap). A message's costs: comm, its latency from the send's
+    posting to its arrival at a receiver that waits for it (the sender does not wait for it);
+    send, the time posting it occupies the sender (gloo writes the tensor into the socket in the
+    sender's thread when the receive is already posted); recv, the least time a receive takes
+    even when its message was sent long before (a rendezvous: gloo moves a tensor only once its
+    receive is posted, a round trip through the sender's communication thread).
     """
 
     f: float = 1.0
@@ -29,10 +30,11 @@ class Durations:
     w: float = 1.0
     fb: float | None = None
     comm: float = 0.0
+    send: float = 0.0
     recv: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("f", "b", "w", "comm", "recv"):
+        for name in ("f", "b", "w", "comm", "send", "recv"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: durations must be >= 0")
         if self.fb is not None and self.fb < 0:
@@ -94,11 +96,11 @@ def simulate(
     time_of: Callable[[int, Action], float] | None = None,
 ) -> Timeline:
     """Run the schedule on a clock: a rank starts each compute action as soon as its previous
-    one ended and its receives returned. A send is posted and the rank moves on; its message
-    lands `durations.comm` later. A receive returns at the later of its message's landing and
-    its own posting plus `durations.recv`. `time_of(rank, action)`, when given, overrides the
-    uniform times of compute actions (e.g. measured per rank and stage, or scaled by the stage
-    cut's costs)."""
+    one ended and its receives returned. Posting a send takes the rank `durations.send`, and
+    its message lands `durations.comm` after the posting began. A receive returns at the later
+    of its message's landing and its own posting plus `durations.recv`. `time_of(rank, action)`,
+    when given, overrides the uniform times of compute actions (e.g. measured per rank and
+    stage, or scaled by the stage cut's costs)."""
     durations = durations or Durations()
     time_of = time_of or (lambda rank, action: durations.of(action))
     ops = schedule.actions
@@ -111,6 +113,7 @@ def simulate(
         action = ops[rank][pos[rank]]
         if action.kind in (Kind.SEND_F, Kind.SEND_B):
             arrival[message(rank, action)] = clock[rank] + durations.comm
+            clock[rank] += durations.send
         elif action.kind in (Kind.RECV_F, Kind.RECV_B):
             key = message(rank, action)
             if key not in arrival:

@@ -111,6 +111,7 @@ def test_bench_pipeline_tables_per_schedule_and_pp():
         receives = sum(a.kind in (Kind.RECV_F, Kind.RECV_B) for ops in schedule.actions.values() for a in ops)
         assert int(row[2]) == receives
         assert 0 <= float(row[3]) <= 100 and float(row[4]) >= 0 and float(row[5]) >= 0
+        assert float(row[6]) >= 0 and 0 < float(row[7]) < 100 and 0 <= float(row[8]) < 100  # send; receives; gaps
 
 
 def _simulated_timestamps(schedule, timeline, start: float) -> list[dict]:
@@ -130,9 +131,9 @@ def _simulated_timestamps(schedule, timeline, start: float) -> list[dict]:
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev"])
 def test_bench_pipeline_analysis_recovers_a_simulated_run(name):
     """Timestamps that the simulator made (rank 0's stages 1.5x slower, a receive posted after its
-    send takes 0.3, one waiting for it returns 0.1 after the send): the bench's analysis finds both
-    message costs and predicts the bubble of every rank exactly; without the message costs it
-    would predict less."""
+    send takes 0.3, one waiting for it returns 0.1 after the send, posting a send takes 0.05): the
+    bench's analysis finds the three message costs and predicts the bubble of every rank exactly;
+    without the message costs it would predict less."""
     from scripts.bench_pipeline import analyse
 
     schedule = build_schedule(name, 4, 8)
@@ -140,13 +141,21 @@ def test_bench_pipeline_analysis_recovers_a_simulated_run(name):
     def time_of(rank, action):
         return Durations().of(action) * (1.5 if rank == 0 else 1.0)
 
-    timeline = simulate(schedule, Durations(comm=0.1, recv=0.3), time_of=time_of)
+    timeline = simulate(schedule, Durations(comm=0.1, send=0.05, recv=0.3), time_of=time_of)
     steps = [_simulated_timestamps(schedule, timeline, start) for start in (10.0, 200.0)]
     per_rank = [{name: [step[rank] for step in steps]} for rank in range(4)]
     result = analyse(name, 4, 8, per_rank, cores=2)
     assert result["comm_ms"] == pytest.approx(100) and result["recv_ms"] == pytest.approx(300)
+    assert result["send_ms"] == pytest.approx(50)
     assert result["predicted"] == pytest.approx(result["measured"])
     shares = [timeline.bubble(r) / timeline.step_time for r in range(4)]
     assert result["measured"] == pytest.approx(shares)
     assert result["replay"] == pytest.approx(sum(shares) / 4)
     assert result["stage_only"] < sum(shares) / 4
+    # the gaps between a rank's recorded actions hold its sends (not those after its last action)
+    inside = sum(
+        ops[i].kind in (Kind.SEND_F, Kind.SEND_B) and any(a.kind not in (Kind.SEND_F, Kind.SEND_B) for a in ops[i:])
+        for ops in schedule.actions.values()
+        for i in range(len(ops))
+    )
+    assert result["between"] == pytest.approx(inside * 0.05 / (4 * timeline.step_time))

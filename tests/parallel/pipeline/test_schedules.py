@@ -243,3 +243,12 @@ def test_a_receive_posted_after_its_send_still_takes_the_rendezvous_time():
     assert [s.start for s in timeline.spans[1][:2]] == [pytest.approx(1.1), pytest.approx(2.35)]
     with pytest.raises(ValueError, match="recv=-1"):
         Durations(recv=-1)
+
+
+def test_posting_a_send_occupies_the_sender_not_the_message():
+    """gloo writes a tensor into the socket in the sender's thread: the sender's next action
+    waits `send`; the message leaves when the posting starts."""
+    timeline = simulate(build_schedule("gpipe", 2, 2), Durations(send=0.2))
+    assert [(s.start, s.end) for s in timeline.spans[0][:2]] == [(0, 1), (pytest.approx(1.2), pytest.approx(2.2))]
+    assert timeline.spans[1][0].start == 1
+    assert timeline.bubble(0) == pytest.approx(timeline.step_time - 6)  # posting counts as idle, not busy

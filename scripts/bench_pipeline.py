@@ -149,6 +149,23 @@ def signature(action: Action) -> tuple:
     return (action.kind, *((p.kind, p.stage) for p in action.parts()))
 
 
+def edge_actions(schedule: PipelineSchedule, rank: int) -> dict[Action, str]:
+    """The actions on `rank` that do more than their kind: the first forward of each stage
+    (FSDP gathers the stage's parameters) and the last backward of each stage and of the rank
+    (each FSDP unit reduces its gradients there: runtime.py's sync plan). -> {action: role}."""
+    first: dict[int, Action] = {}
+    last: dict[int, Action] = {}
+    for action in schedule.compute_actions(rank):
+        for part in action.parts():
+            if part.kind is Kind.F:
+                first.setdefault(part.stage, action)
+            elif part.kind in (Kind.B, Kind.BW):
+                last[part.stage] = action
+    roles = {action: "first forward" for action in first.values()}
+    roles.update({action: "last backward" for action in last.values()})  # the rank's last is one of them
+    return roles
+
+
 def kind_of(action: Action) -> str:
     return "B" if action.kind in (Kind.B, Kind.BW) else str(action.kind)
 
@@ -243,17 +260,18 @@ def analyse(name: str, pp: int, microbatches: int, per_rank: list[dict], cores: 
     split = [_split_step(schedule, runs) for runs in steps]
     messages, late_share = message_costs(split)
 
-    per_stage: dict[tuple[int, tuple], list[float]] = {}
+    roles = {rank: edge_actions(schedule, rank) for rank in range(pp)}
+    per_stage: dict[tuple[int, tuple, str], list[float]] = {}
     per_kind: dict[str, list[float]] = {"F": [], "B": [], "W": [], "F&B": []}
     for step in split:
         for (rank, action), d in step["durations"].items():
-            per_stage.setdefault((rank, signature(action)), []).append(d)
+            per_stage.setdefault((rank, signature(action), roles[rank].get(action, "")), []).append(d)
             per_kind[kind_of(action)].append(d)
     stage_mean = {key: statistics.fmean(v) for key, v in per_stage.items()}
     kind_mean = {k: statistics.fmean(v) if v else 0.0 for k, v in per_kind.items()}
 
     def by_stage(rank: int, action: Action) -> float:
-        return stage_mean[(rank, signature(action))]
+        return stage_mean[(rank, signature(action), roles[rank].get(action, ""))]
 
     def shares(timeline) -> list[float]:
         return [timeline.bubble(r) / timeline.step_time for r in range(pp)]
@@ -354,6 +372,7 @@ def main() -> None:
     print()
     print("what each simulator input adds: sim bubble % (measured/sim):")
     header = ["schedule", "pp", "measured bubble %", "one mean per kind (F, B)", "per rank and stage"]
+    header[-1] += " (first F, last B apart)"
     header += ["+ message costs", "replay: each step's own times + message costs"]
     print_table(header, inputs, left=1)
     print()

@@ -130,16 +130,18 @@ def _simulated_timestamps(schedule, timeline, start: float) -> list[dict]:
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev"])
 def test_bench_pipeline_analysis_recovers_a_simulated_run(name):
-    """Timestamps that the simulator made (rank 0's stages 1.5x slower, a receive posted after its
-    send takes 0.3, one waiting for it returns 0.1 after the send, posting a send takes 0.05): the
-    bench's analysis finds the three message costs and predicts the bubble of every rank exactly;
-    without the message costs it would predict less."""
-    from scripts.bench_pipeline import analyse
+    """Timestamps that the simulator made (rank 0's stages 1.5x slower, each stage's last backward
+    0.5 longer, a receive posted after its send takes 0.3, one waiting for it returns 0.1 after
+    the send, posting a send takes 0.05): the bench's analysis finds the three message costs and
+    predicts the bubble of every rank exactly; without the message costs it would predict less."""
+    from scripts.bench_pipeline import analyse, edge_actions
 
     schedule = build_schedule(name, 4, 8)
+    roles = {rank: edge_actions(schedule, rank) for rank in range(4)}
 
-    def time_of(rank, action):
-        return Durations().of(action) * (1.5 if rank == 0 else 1.0)
+    def time_of(rank, action):  # the last backward of a stage also reduces its gradients
+        extra = 0.5 if roles[rank].get(action) == "last backward" else 0.0
+        return Durations().of(action) * (1.5 if rank == 0 else 1.0) + extra
 
     timeline = simulate(schedule, Durations(comm=0.1, send=0.05, recv=0.3), time_of=time_of)
     steps = [_simulated_timestamps(schedule, timeline, start) for start in (10.0, 200.0)]

@@ -181,9 +181,10 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
     gaps between its recorded actions (where it posts its sends), each compute action's
     duration, each receive's (message, start, end), where each send sits: (message, end of the
     recorded action before it, sends posted between that action and this one), and how many
-    sends lie between recorded actions (not after a rank's last one)."""
+    sends lie between recorded actions (not after a rank's last one), and the gaps between two
+    recorded actions with no send between them (Python and the runtime's bookkeeping)."""
     t0, t1 = max(run["start"] for run in runs), max(run["end"] for run in runs)
-    durations, busy, receiving, between, sends, receives, inside = {}, [], [], [], [], [], 0
+    durations, busy, receiving, between, sends, receives, inside, bare_gaps = {}, [], [], [], [], [], 0, []
     for rank, run in enumerate(runs):
         actions = recorded(schedule, rank)
         names = [name for name, _, _ in run["spans"]]
@@ -199,6 +200,8 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
                 sends.append((message(rank, a), last_end, posted))
                 posted += 1
                 continue
+            if posted == 0 and last_end > t0:  # two recorded actions with no send between them
+                bare_gaps.append(spans[a][0] - last_end)
             last_end, posted = spans[a][1], 0
             if a.is_compute:
                 durations[(rank, a)] = spans[a][1] - spans[a][0]
@@ -211,6 +214,7 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
     return {
         "window": t1 - t0, "busy": busy, "receiving": receiving, "between": between,
         "durations": durations, "sends": sends, "receives": receives, "sends_between": inside,
+        "bare_gaps": bare_gaps,
     }  # fmt: skip
 
 
@@ -264,12 +268,16 @@ def analyse(name: str, pp: int, microbatches: int, per_rank: list[dict], cores: 
     roles = {rank: edge_actions(schedule, rank) for rank in range(pp)}
     per_stage: dict[tuple[int, tuple, str], list[float]] = {}
     per_kind: dict[str, list[float]] = {"F": [], "B": [], "W": [], "F&B": []}
+    backwards: dict[str, list[float]] = {"last B": [], "other B": []}  # B or BW alone: a stage's last, the rest
     for step in split:
         for (rank, action), d in step["durations"].items():
-            per_stage.setdefault((rank, signature(action), roles[rank].get(action, "")), []).append(d)
+            role = roles[rank].get(action, "")
+            per_stage.setdefault((rank, signature(action), role), []).append(d)
             per_kind[kind_of(action)].append(d)
+            if action.kind in (Kind.B, Kind.BW):
+                backwards["last B" if role == "last backward" else "other B"].append(d)
     stage_mean = {key: statistics.fmean(v) for key, v in per_stage.items()}
-    kind_mean = {k: statistics.fmean(v) if v else 0.0 for k, v in per_kind.items()}
+    kind_mean = {k: statistics.fmean(v) if v else 0.0 for k, v in (per_kind | backwards).items()}
 
     def by_stage(rank: int, action: Action) -> float:
         return stage_mean[(rank, signature(action), roles[rank].get(action, ""))]
@@ -300,6 +308,7 @@ def analyse(name: str, pp: int, microbatches: int, per_rank: list[dict], cores: 
         "comm_ms": 1e3 * messages.comm,
         "receiving": statistics.fmean(sum(s["receiving"]) / (pp * s["window"]) for s in split),
         "between": statistics.fmean(sum(s["between"]) / (pp * s["window"]) for s in split),
+        "bare_gap_us": 1e6 * statistics.fmean([g for s in split for g in s["bare_gaps"]] or [0.0]),
         "compute_ms": 1e3 * statistics.fmean(sum(s["busy"]) for s in split),
         "oversubscribed": statistics.fmean(_oversubscribed_share(runs, schedule, cores) for runs in steps),
         "kind_ms": {k: 1e3 * v for k, v in kind_mean.items()},
@@ -361,11 +370,14 @@ def main() -> None:
             ])  # fmt: skip
             costs.append([
                 name, pp, a["receives"] // args.steps, f"{100 * a['late_share']:.0f}", f"{a['recv_ms']:.2f}",
-                f"{a['comm_ms']:.2f}", f"{a['send_ms']:.2f}", f"{100 * a['receiving']:.1f}",
-                f"{100 * a['between']:.1f}", f"{a['compute_ms']:.0f}", f"{100 * a['oversubscribed']:.0f}",
+                f"{a['comm_ms']:.2f}", f"{a['send_ms']:.2f}", f"{a['bare_gap_us']:.0f}",
+                f"{100 * a['receiving']:.1f}", f"{100 * a['between']:.1f}", f"{a['compute_ms']:.0f}",
+                f"{100 * a['oversubscribed']:.0f}",
             ])  # fmt: skip
             k = a["kind_ms"]
-            kinds.append([name, pp, *(f"{k[x]:.1f}" if k[x] else "-" for x in ("F", "B", "W", "F&B"))])
+            kinds.append(
+                [name, pp, *(f"{k[x]:.1f}" if k[x] else "-" for x in ("F", "B", "W", "F&B", "last B", "other B"))]
+            )
     print()
     print("measured bubble and the simulator's prediction (per-rank, per-stage mean action times + message costs):")
     header = ["schedule", "pp", "step ms", "bubble % per rank", "bubble %", "sim step ms"]
@@ -380,12 +392,14 @@ def main() -> None:
     print()
     print("messages and cores (late: the receive was posted after its tensor was sent):")
     header = ["schedule", "pp", "receives per step", "late %", "late receive ms", "send-to-waiting-receive ms"]
-    header += ["posting a send ms", "time in receives %", "between actions %", "compute ms (all ranks)"]
+    header += ["posting a send ms", "gap without a send us", "time in receives %", "between actions %"]
+    header += ["compute ms (all ranks)"]
     header += [f"time with > {cores} ranks computing %"]
     print_table(header, costs, left=1)
     print()
-    print("mean measured time per action (ms; B includes the weight gradients, W does nothing):")
-    print_table(["schedule", "pp", "F", "B", "W", "F&B"], kinds, left=1)
+    print("mean measured time per action (ms; B includes the weight gradients, W does nothing; last B: a stage's")
+    print("last B or BW on its rank, where FSDP reduces the stage's gradients; other B: the other B and BW):")
+    print_table(["schedule", "pp", "F", "B", "W", "F&B", "last B", "other B"], kinds, left=1)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def test_bench_pipeline_tables_per_schedule_and_pp():
         receives = sum(a.kind in (Kind.RECV_F, Kind.RECV_B) for ops in schedule.actions.values() for a in ops)
         assert int(row[2]) == receives
         assert 0 <= float(row[3]) <= 100 and float(row[4]) >= 0 and float(row[5]) >= 0
-        assert float(row[6]) >= 0 and 0 < float(row[7]) < 100 and 0 <= float(row[8]) < 100  # send; receives; gaps
+        assert float(row[6]) >= 0 and float(row[7]) >= 0  # posting a send, a gap without one
+        assert 0 < float(row[8]) < 100 and 0 <= float(row[9]) < 100  # time in receives, between actions
 
 
 def _simulated_timestamps(schedule, timeline, start: float) -> list[dict]:
@@ -148,7 +149,7 @@ def test_bench_pipeline_analysis_recovers_a_simulated_run(name):
     per_rank = [{name: [step[rank] for step in steps]} for rank in range(4)]
     result = analyse(name, 4, 8, per_rank, cores=2)
     assert result["comm_ms"] == pytest.approx(100) and result["recv_ms"] == pytest.approx(300)
-    assert result["send_ms"] == pytest.approx(50)
+    assert result["send_ms"] == pytest.approx(50) and result["bare_gap_us"] == pytest.approx(0, abs=1e-6)
     assert result["predicted"] == pytest.approx(result["measured"])
     shares = [timeline.bubble(r) / timeline.step_time for r in range(4)]
     assert result["measured"] == pytest.approx(shares)

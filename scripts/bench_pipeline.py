@@ -1,23 +1,31 @@
 """Benchmark pipeline schedules (CPU, gloo): the same model and global batch at pp=2 and pp=4, each
-runnable schedule; measured step time, bubble share per rank from per-action timestamps, and the
-simulator's prediction from the measured per-action times.
+runnable schedule; measured step time and bubble share per rank from per-action timestamps, and the
+simulator's prediction from the measured per-action times and message costs.
 
 Every rank runs the real trainer's pipelined forward_backward_step with the runtime's timing hook
-on (parallel/pipeline/runtime.py). A rank's bubble is the part of the step window (the barrier
-before the step to the last rank's end) it spends outside compute actions: waiting for a peer's
-activation or gradient, plus the pipeline's fill and drain. The simulator (parallel/pipeline/
-simulate.py) replays the same action lists with each rank's measured mean time per action
-(per kind and stage), no message latency: measured/predicted > 1 is what the runtime adds (or,
-with more ranks than cores, the time-sharing the simulator does not model).
+on (parallel/pipeline/runtime.py: each compute action's and each receive's start and end). The
+step window runs from the barrier before the step to the last rank's return from the pipeline's
+step; a rank's bubble is the share of it the rank spends outside compute actions (waiting in
+receives, posting sends, the pipeline's fill and drain).
+
+The simulator (parallel/pipeline/simulate.py) replays the same action lists with each rank's mean
+time per action kind and stage, and three message costs measured from the same run's timestamps:
+`recv`, the time a receive takes when its tensor was sent before the receive was posted (gloo
+moves a tensor only after its receive is posted: a round trip through the sender's communication
+thread, slow when that process's cores are busy); `comm`, the time from a send's posting to the
+return of a receive that waited for it; `send`, the time between actions per send posted there.
+A second table shows what each input adds, a third the message costs and the cores' sharing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,14 +35,16 @@ import torch.distributed as dist  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from framework.config import Config  # noqa: E402
-from parallel.pipeline import build_schedule, simulate  # noqa: E402
+from parallel.pipeline import Durations, PipelineSchedule, build_schedule, simulate  # noqa: E402
 from parallel.pipeline.actions import Action, Kind  # noqa: E402
+from parallel.pipeline.replay import message  # noqa: E402
 from scripts.benchlib import print_table, run_ranks  # noqa: E402
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev")  # dualpipe: two copies, not run yet
+RECV_KINDS = (Kind.RECV_F, Kind.RECV_B)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pps", type=str, default="2,4", help="pipeline sizes to run (world size = pp)")
     p.add_argument("--schedules", type=str, default=",".join(SCHEDULES))
@@ -43,9 +53,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8, help="blocks (dualpipev at pp=4 cuts 8 stages)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per schedule (mean step and action times)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per schedule (mean step and action times)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 timed step: a smoke test")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.dim, args.layers, args.seq_len, args.warmup, args.steps = 32, 6, 16, 0, 1
     args.pps = [int(x) for x in args.pps.split(",")]
@@ -71,29 +81,63 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
 # ----------------------------------------------------------------------------- worker
 
 
-def _measure(rank: int, world: int, cfg_yamls: dict[str, str], warmup: int, steps: int) -> dict:
-    """Each schedule in turn on this rank; -> per schedule and timed step: the step window
-    (after a barrier, until this rank's step returned) and this rank's (start, end) per compute
-    action, in its action-list order."""
+def _idle_receives(rank: int, shape: tuple[int, ...], reps: int = 20) -> dict[str, float]:
+    """Two ranks with nothing else to do: a receive posted 5 ms after its send, and one waiting
+    for it (from the send's posting to the receive's return). -> median seconds, on rank 1."""
+    late, waited = [], []
+    x, buf = torch.randn(shape), torch.empty(shape)
+    for i in range(reps):
+        dist.barrier()
+        if rank == 0:
+            dist.isend(x, dst=1, tag=2 * i).wait()
+            time.sleep(0.005)
+            sent = torch.tensor([time.perf_counter()], dtype=torch.float64)
+            dist.isend(x, dst=1, tag=2 * i + 1).wait()
+            dist.send(sent, dst=1, tag=2 * reps + i)
+        elif rank == 1:
+            time.sleep(0.005)
+            start = time.perf_counter()
+            dist.irecv(buf, src=0, tag=2 * i).wait()
+            late.append(time.perf_counter() - start)
+            dist.irecv(buf, src=0, tag=2 * i + 1).wait()
+            returned, sent = time.perf_counter(), torch.empty(1, dtype=torch.float64)
+            dist.recv(sent, src=0, tag=2 * reps + i)
+            waited.append(returned - sent.item())  # one host clock: perf_counter is system-wide
+    return {"late": statistics.median(late), "waited": statistics.median(waited)} if rank == 1 else {}
+
+
+def _measure(rank: int, world: int, cfg_yamls: dict[str, str], warmup: int, steps: int, shape: tuple) -> dict:
+    """Each schedule in turn on this rank; -> per schedule and timed step: the window start
+    (after a barrier) and this rank's return from the pipeline's step, and (action, start, end)
+    of each compute action and receive, in its action-list order. On 2 ranks also the receive
+    costs with both ranks idle: the handshake itself, for reference."""
     from framework.distributed import DistContext
     from framework.train import Trainer
 
-    results = {}
+    results: dict = {"idle": _idle_receives(rank, shape) if world == 2 else {}}
     for name, cfg_yaml in cfg_yamls.items():
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
         trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+        pipeline, returned = trainer.pipeline, []
+        step = pipeline.step
+
+        def timed_step(micro_batches: list[torch.Tensor], step: Callable = step, returned: list = returned) -> None:
+            step(micro_batches)
+            returned.append(time.perf_counter())
+
+        pipeline.step = timed_step  # the window ends at the pipeline's return (not the loss all-reduce)
         runs = []
         for i in range(warmup + steps):
             batches = trainer.loader.next_step()
-            trainer.pipeline.timings = []
+            pipeline.timings = []
             dist.barrier()
             start = time.perf_counter()
             trainer.forward_backward_step(batches)
-            end = time.perf_counter()
             trainer.optimizer.zero_grad(set_to_none=True)
             if i >= warmup:
-                runs.append({"start": start, "end": end, "spans": [(s, e) for _, s, e in trainer.pipeline.timings]})
-        trainer.pipeline.timings = None
+                spans = [(str(a), s, e) for a, s, e in pipeline.timings]
+                runs.append({"start": start, "end": returned[-1], "spans": spans})
+        pipeline.timings = None
         results[name] = runs
     return results
 
@@ -106,42 +150,182 @@ def signature(action: Action) -> tuple:
     return (action.kind, *((p.kind, p.stage) for p in action.parts()))
 
 
-def analyse(name: str, pp: int, microbatches: int, per_rank: list[dict]) -> dict:
-    schedule = build_schedule(name, pp, microbatches)
-    compute = {r: schedule.compute_actions(r) for r in range(pp)}
-    steps = len(per_rank[0][name])
-    windows, bubbles = [], {r: [] for r in range(pp)}
-    durations: dict[tuple[int, tuple], list[float]] = {}
-    kind_times: dict[str, list[float]] = {"F": [], "B": [], "W": [], "F&B": []}
-    for step in range(steps):
-        runs = [per_rank[r][name][step] for r in range(pp)]
-        t0, t1 = max(run["start"] for run in runs), max(run["end"] for run in runs)
-        windows.append(t1 - t0)
-        for r, run in enumerate(runs):
-            assert len(run["spans"]) == len(compute[r]), (name, r)
-            busy = 0.0
-            for action, (s, e) in zip(compute[r], run["spans"], strict=True):
-                busy += e - s
-                durations.setdefault((r, signature(action)), []).append(e - s)
-                kind = "B" if action.kind in (Kind.B, Kind.BW) else str(action.kind)
-                kind_times[kind].append(e - s)
-            bubbles[r].append(1 - busy / (t1 - t0))
-    mean = {key: statistics.fmean(v) for key, v in durations.items()}
-    predicted = simulate(schedule, time_of=lambda rank, action: mean[(rank, signature(action))])
-    measured_share = [statistics.fmean(bubbles[r]) for r in range(pp)]
-    predicted_share = [predicted.bubble(r) / predicted.step_time for r in range(pp)]
+def edge_actions(schedule: PipelineSchedule, rank: int) -> dict[Action, str]:
+    """The actions on `rank` that do more than their kind: the first forward of each stage
+    (FSDP gathers the stage's parameters) and the last backward of each stage and of the rank
+    (each FSDP unit reduces its gradients there: runtime.py's sync plan). -> {action: role}."""
+    first: dict[int, Action] = {}
+    last: dict[int, Action] = {}
+    for action in schedule.compute_actions(rank):
+        for part in action.parts():
+            if part.kind is Kind.F:
+                first.setdefault(part.stage, action)
+            elif part.kind in (Kind.B, Kind.BW):
+                last[part.stage] = action
+    roles = {action: "first forward" for action in first.values()}
+    roles.update({action: "last backward" for action in last.values()})  # the rank's last is one of them
+    return roles
+
+
+def kind_of(action: Action) -> str:
+    return "B" if action.kind in (Kind.B, Kind.BW) else str(action.kind)
+
+
+def recorded(schedule: PipelineSchedule, rank: int) -> list[Action]:
+    """The actions the runtime's timing hook records on `rank`, in order: compute and receives."""
+    return [a for a in schedule.actions[rank] if a.is_compute or a.kind in RECV_KINDS]
+
+
+def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
+    """One step on every rank -> the window, per rank its busy time, time in receives and the
+    gaps between its recorded actions (where it posts its sends), each compute action's
+    duration, each receive's (message, start, end), where each send sits: (message, end of the
+    recorded action before it, sends posted between that action and this one), and how many
+    sends lie between recorded actions (not after a rank's last one), and the gaps between two
+    recorded actions with no send between them (Python and the runtime's bookkeeping)."""
+    t0, t1 = max(run["start"] for run in runs), max(run["end"] for run in runs)
+    durations, busy, receiving, between, sends, receives, inside, bare_gaps = {}, [], [], [], [], [], 0, []
+    for rank, run in enumerate(runs):
+        actions = recorded(schedule, rank)
+        names = [name for name, _, _ in run["spans"]]
+        if names != [str(a) for a in actions]:
+            raise RuntimeError(
+                f"{schedule.name} rank {rank}: the timing hook recorded {len(names)} actions, "
+                f"expected {len(actions)} (compute and receives in action-list order)"
+            )
+        spans = {a: (s, e) for a, (_, s, e) in zip(actions, run["spans"], strict=True)}
+        last_end, posted = t0, 0
+        for a in schedule.actions[rank]:
+            if a.kind in (Kind.SEND_F, Kind.SEND_B):
+                sends.append((message(rank, a), last_end, posted))
+                posted += 1
+                continue
+            if posted == 0 and last_end > t0:  # two recorded actions with no send between them
+                bare_gaps.append(spans[a][0] - last_end)
+            last_end, posted = spans[a][1], 0
+            if a.is_compute:
+                durations[(rank, a)] = spans[a][1] - spans[a][0]
+            else:
+                receives.append((message(rank, a), *spans[a]))
+        busy.append(sum(durations[(rank, a)] for a in actions if a.is_compute))
+        receiving.append(sum(spans[a][1] - spans[a][0] for a in actions if not a.is_compute))
+        between.append(spans[actions[-1]][1] - spans[actions[0]][0] - busy[-1] - receiving[-1])
+        inside += sum(a.kind in (Kind.SEND_F, Kind.SEND_B) for a in schedule.actions[rank]) - posted
     return {
-        "step_ms": 1e3 * statistics.fmean(windows),  # the mean, as the simulator's times are
-        "predicted_ms": 1e3 * predicted.step_time,
-        "measured": measured_share,
-        "predicted": predicted_share,
-        "kind_ms": {k: 1e3 * statistics.fmean(v) if v else 0.0 for k, v in kind_times.items()},
+        "window": t1 - t0, "busy": busy, "receiving": receiving, "between": between,
+        "durations": durations, "sends": sends, "receives": receives, "sends_between": inside,
+        "bare_gaps": bare_gaps,
+    }  # fmt: skip
+
+
+def message_costs(split: list[dict]) -> tuple[Durations, float]:
+    """-> the three message costs the simulator takes, from the steps' timestamps, and the share of
+    late receives. `send`: the gaps
+    between a rank's recorded actions per send posted in them; `recv`, the mean time of a receive
+    posted after its tensor was sent (late); `comm`, the mean time from a send's posting to the
+    return of a receive that was posted long enough before it to have finished its handshake."""
+    sends = sum(step["sends_between"] for step in split)
+    send = sum(sum(step["between"]) for step in split) / sends if sends else 0.0
+    late, waited = [], []
+    for step in split:
+        sent_at = {key: after + posted * send for key, after, posted in step["sends"]}
+        for key, start, end in step["receives"]:
+            if sent_at[key] <= start:
+                late.append(end - start)
+            else:
+                waited.append((sent_at[key] - start, end - sent_at[key]))
+    recv = statistics.fmean(late) if late else 0.0
+    # A receive posted less than `recv` before its send may still be in its handshake: bounded by
+    # that, not by the latency.
+    clean = [latency for head_start, latency in waited if head_start >= recv]
+    comm = statistics.fmean(clean or [latency for _, latency in waited]) if waited else 0.0
+    return Durations(comm=comm, send=send, recv=recv), len(late) / max(1, len(late) + len(waited))
+
+
+def _oversubscribed_share(runs: list[dict], schedule: PipelineSchedule, cores: int) -> float:
+    """Share of the window in which more ranks ran compute actions at once than there are cores."""
+    t0, t1 = max(run["start"] for run in runs), max(run["end"] for run in runs)
+    edges = []
+    for rank, run in enumerate(runs):
+        for action, (_, s, e) in zip(recorded(schedule, rank), run["spans"], strict=True):
+            if action.is_compute:
+                edges += [(s, 1), (e, -1)]
+    over, active, last = 0.0, 0, t0
+    for t, delta in sorted(edges):
+        if active > cores:
+            over += max(0.0, min(t, t1) - max(last, t0))
+        active, last = active + delta, t
+    return over / (t1 - t0)
+
+
+def analyse(name: str, pp: int, microbatches: int, per_rank: list[dict], cores: int) -> dict:
+    """Measured bubbles and the simulator's predictions for one schedule at one pp."""
+    schedule = build_schedule(name, pp, microbatches)
+    steps = [[per_rank[r][name][i] for r in range(pp)] for i in range(len(per_rank[0][name]))]
+    split = [_split_step(schedule, runs) for runs in steps]
+    messages, late_share = message_costs(split)
+
+    roles = {rank: edge_actions(schedule, rank) for rank in range(pp)}
+    per_stage: dict[tuple[int, tuple, str], list[float]] = {}
+    per_kind: dict[str, list[float]] = {"F": [], "B": [], "W": [], "F&B": []}
+    backwards: dict[str, list[float]] = {"last B": [], "other B": []}  # B or BW alone: a stage's last, the rest
+    for step in split:
+        for (rank, action), d in step["durations"].items():
+            role = roles[rank].get(action, "")
+            per_stage.setdefault((rank, signature(action), role), []).append(d)
+            per_kind[kind_of(action)].append(d)
+            if action.kind in (Kind.B, Kind.BW):
+                backwards["last B" if role == "last backward" else "other B"].append(d)
+    stage_mean = {key: statistics.fmean(v) for key, v in per_stage.items()}
+    kind_mean = {k: statistics.fmean(v) if v else 0.0 for k, v in (per_kind | backwards).items()}
+
+    def by_stage(rank: int, action: Action) -> float:
+        return stage_mean[(rank, signature(action), roles[rank].get(action, ""))]
+
+    def shares(timeline) -> list[float]:
+        return [timeline.bubble(r) / timeline.step_time for r in range(pp)]
+
+    prediction = simulate(schedule, messages, time_of=by_stage)
+    uniform = simulate(schedule, time_of=lambda rank, action: kind_mean[kind_of(action)])
+    stage_only = simulate(schedule, time_of=by_stage)
+    replays = [
+        shares(simulate(schedule, messages, time_of=lambda r, a, d=step["durations"]: d[(r, a)])) for step in split
+    ]
+    measured = [statistics.fmean(1 - s["busy"][r] / s["window"] for s in split) for r in range(pp)]
+    window = statistics.fmean(s["window"] for s in split)
+    return {
+        "step_ms": 1e3 * window,
+        "predicted_ms": 1e3 * prediction.step_time,
+        "measured": measured,
+        "predicted": shares(prediction),
+        "uniform": statistics.fmean(shares(uniform)),
+        "stage_only": statistics.fmean(shares(stage_only)),
+        "replay": statistics.fmean(statistics.fmean(r) for r in replays),
+        "receives": sum(len(step["receives"]) for step in split),
+        "late_share": late_share,
+        "recv_ms": 1e3 * messages.recv,
+        "send_ms": 1e3 * messages.send,
+        "comm_ms": 1e3 * messages.comm,
+        "receiving": statistics.fmean(sum(s["receiving"]) / (pp * s["window"]) for s in split),
+        "between": statistics.fmean(sum(s["between"]) / (pp * s["window"]) for s in split),
+        "bare_gap_us": 1e6 * statistics.fmean([g for s in split for g in s["bare_gaps"]] or [0.0]),
+        "compute_ms": 1e3 * statistics.fmean(sum(s["busy"]) for s in split),
+        "oversubscribed": statistics.fmean(_oversubscribed_share(runs, schedule, cores) for runs in steps),
+        "kind_ms": {k: 1e3 * v for k, v in kind_mean.items()},
     }
+
+
+def _ratio(measured: float, simulated: float) -> str:
+    return f"{measured / simulated:.2f}" if simulated > 0 else "n/a"
+
+
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main() -> None:
     args = parse_args()
-    cores = len(__import__("os").sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
     print(f"# pipeline schedules, CPU/gloo, 1 thread per rank, {cores} cores on this machine")
     print(
         f"model: dim {args.dim}, {args.layers} blocks (1 dense, MoE 8 experts top-2, 1 shared), MTP 1, "
@@ -149,10 +333,12 @@ def main() -> None:
         f"{args.warmup} warm-up + {args.steps} timed steps per schedule"
     )
     print("B runs the whole backward (W is empty) and F&B runs F then B: no overlap, no B/W split yet.")
-    rows, kinds = [], []
+    shape = (1, args.seq_len, args.dim)
+    rows, inputs, costs, kinds = [], [], [], []
     for pp in args.pps:
         if pp > cores:
             print(f"pp={pp}: {pp} processes on {cores} cores: oversubscribed, ranks time-share the cores")
+        load_before = _load()
         with tempfile.TemporaryDirectory() as tmp:
             cfgs = {}
             for name in args.schedules:
@@ -160,32 +346,60 @@ def main() -> None:
                 cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(dotlist))
                 cfg.launcher.nproc_per_node, cfg.run_dir = pp, str(Path(tmp) / name)
                 cfgs[name] = OmegaConf.to_yaml(cfg)
-            per_rank = run_ranks(_measure, pp, cfgs, args.warmup, args.steps, timeout_s=1800)
-        for name in args.schedules:
-            a = analyse(name, pp, args.microbatches, per_rank)
-            measured, predicted = statistics.fmean(a["measured"]), statistics.fmean(a["predicted"])
-            rows.append(
-                [
-                    name,
-                    pp,
-                    f"{a['step_ms']:.0f}",
-                    " / ".join(f"{100 * b:.0f}" for b in a["measured"]),
-                    f"{100 * measured:.1f}",
-                    f"{a['predicted_ms']:.0f}",
-                    " / ".join(f"{100 * b:.0f}" for b in a["predicted"]),
-                    f"{100 * predicted:.1f}",
-                    f"{measured / predicted:.2f}" if predicted > 0 else "n/a",
-                ]
+            per_rank = run_ranks(_measure, pp, cfgs, args.warmup, args.steps, shape, timeout_s=1800)
+        idle = per_rank[1]["idle"]
+        print(f"pp={pp}: load average (1/5/15 min) {load_before} before, {_load()} after")
+        if idle:
+            print(
+                f"pp={pp}, the two ranks idle: a receive posted 5 ms after its send takes {1e3 * idle['late']:.2f} ms, "
+                f"one waiting returns {1e3 * idle['waited']:.2f} ms after the send (medians of 20)"
             )
+        for name in args.schedules:
+            a = analyse(name, pp, args.microbatches, per_rank, cores)
+            measured, predicted = statistics.fmean(a["measured"]), statistics.fmean(a["predicted"])
+            per_rank_shares = [" / ".join(f"{100 * b:.0f}" for b in a[k]) for k in ("measured", "predicted")]
+            rows.append([
+                name, pp, f"{a['step_ms']:.0f}", per_rank_shares[0], f"{100 * measured:.1f}",
+                f"{a['predicted_ms']:.0f}", per_rank_shares[1], f"{100 * predicted:.1f}", _ratio(measured, predicted),
+            ])  # fmt: skip
+            inputs.append([
+                name, pp, f"{100 * measured:.1f}",
+                *(f"{100 * a[k]:.1f} ({_ratio(measured, a[k])})" for k in ("uniform", "stage_only")),
+                f"{100 * predicted:.1f} ({_ratio(measured, predicted)})",
+                f"{100 * a['replay']:.1f} ({_ratio(measured, a['replay'])})",
+            ])  # fmt: skip
+            costs.append([
+                name, pp, a["receives"] // args.steps, f"{100 * a['late_share']:.0f}", f"{a['recv_ms']:.2f}",
+                f"{a['comm_ms']:.2f}", f"{a['send_ms']:.2f}", f"{a['bare_gap_us']:.0f}",
+                f"{100 * a['receiving']:.1f}", f"{100 * a['between']:.1f}", f"{a['compute_ms']:.0f}",
+                f"{100 * a['oversubscribed']:.0f}",
+            ])  # fmt: skip
             k = a["kind_ms"]
-            kinds.append([name, pp, *(f"{k[x]:.1f}" if k[x] else "-" for x in ("F", "B", "W", "F&B"))])
+            kinds.append(
+                [name, pp, *(f"{k[x]:.1f}" if k[x] else "-" for x in ("F", "B", "W", "F&B", "last B", "other B"))]
+            )
     print()
+    print("measured bubble and the simulator's prediction (per-rank, per-stage mean action times + message costs):")
     header = ["schedule", "pp", "step ms", "bubble % per rank", "bubble %", "sim step ms"]
     header += ["sim bubble % per rank", "sim bubble %", "measured/sim bubble"]
     print_table(header, rows, left=1)
     print()
-    print("mean measured time per action (ms; B includes the weight gradients, W does nothing):")
-    print_table(["schedule", "pp", "F", "B", "W", "F&B"], kinds, left=1)
+    print("what each simulator input adds: sim bubble % (measured/sim):")
+    header = ["schedule", "pp", "measured bubble %", "one mean per kind (F, B)", "per rank and stage"]
+    header[-1] += " (first F, last B apart)"
+    header += ["+ message costs", "replay: each step's own times + message costs"]
+    print_table(header, inputs, left=1)
+    print()
+    print("messages and cores (late: the receive was posted after its tensor was sent):")
+    header = ["schedule", "pp", "receives per step", "late %", "late receive ms", "send-to-waiting-receive ms"]
+    header += ["posting a send ms", "gap without a send us", "time in receives %", "between actions %"]
+    header += ["compute ms (all ranks)"]
+    header += [f"time with > {cores} ranks computing %"]
+    print_table(header, costs, left=1)
+    print()
+    print("mean measured time per action (ms; B includes the weight gradients, W does nothing; last B: a stage's")
+    print("last B or BW on its rank, where FSDP reduces the stage's gradients; other B: the other B and BW):")
+    print_table(["schedule", "pp", "F", "B", "W", "F&B", "last B", "other B"], kinds, left=1)
 
 
 if __name__ == "__main__":

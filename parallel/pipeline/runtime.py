@@ -102,9 +102,12 @@ class PipelineRuntime:
         for index, action in enumerate(self.actions):
             kind, key = action.kind, action.chunk
             if kind in (Kind.RECV_F, Kind.RECV_B):
+                start = time.perf_counter() if self.timings is not None else 0.0
                 buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
                 dist.irecv(buf, src=self.global_rank[action.peer], group=self.group, tag=self._tag(kind, *key)).wait()
                 self.received[(kind, *key)] = buf
+                if self.timings is not None:  # receives are timed too: the bench splits waiting from messaging
+                    self.timings.append((action, start, time.perf_counter()))
             elif kind in (Kind.SEND_F, Kind.SEND_B):
                 if kind is Kind.SEND_F:
                     tensor = self.outputs[key].detach().to(WIRE_DTYPE)

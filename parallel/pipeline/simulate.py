@@ -1,12 +1,13 @@
-"""Times a schedule without a model: given how long F, B, W, BW and F&B take (and a message),
-each rank's timeline, the step time and each rank's bubble (idle time within the step)."""
+"""Times a schedule without a model: given how long F, B, W, BW and F&B take (and what a message
+costs), each rank's timeline, the step time and each rank's bubble (idle time within the step)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
+from parallel.pipeline.replay import message, play
 from parallel.pipeline.validate import ScheduleError
 
 
@@ -16,8 +17,12 @@ class Durations:
 
     f: forward; b: input-gradient backward; w: weight-gradient backward (a full backward BW
     takes b + w); fb: one F&B, a forward overlapped with a full backward (None: f + b + w,
-    i.e. no gain from the overlap); comm: a point-to-point message's latency (sends are
-    asynchronous, so it only delays the receiver).
+    i.e. no gain from the overlap). A message's costs: comm, its latency from the send's
+    posting to its arrival at a receiver that waits for it (the sender does not wait for it);
+    send, the time posting it occupies the sender (gloo writes the tensor into the socket in the
+    sender's thread when the receive is already posted); recv, the least time a receive takes
+    even when its message was sent long before (a rendezvous: gloo moves a tensor only once its
+    receive is posted, a round trip through the sender's communication thread).
     """
 
     f: float = 1.0
@@ -25,9 +30,11 @@ class Durations:
     w: float = 1.0
     fb: float | None = None
     comm: float = 0.0
+    send: float = 0.0
+    recv: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("f", "b", "w", "comm"):
+        for name in ("f", "b", "w", "comm", "send", "recv"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: durations must be >= 0")
         if self.fb is not None and self.fb < 0:
@@ -56,12 +63,14 @@ class Span:
 
 @dataclass(frozen=True)
 class Timeline:
-    """The simulated step: compute spans per rank (in order), step time, idle time per rank."""
+    """The simulated step: compute spans per rank (in order), step time, idle time per rank;
+    `receives`: each receive's span per rank, from its posting to its return."""
 
     schedule: PipelineSchedule
     durations: Durations
     spans: dict[int, list[Span]]
     step_time: float
+    receives: dict[int, list[Span]] = field(default_factory=dict)
 
     def busy(self, rank: int) -> float:
         return sum(s.end - s.start for s in self.spans[rank])
@@ -87,39 +96,39 @@ def simulate(
     time_of: Callable[[int, Action], float] | None = None,
 ) -> Timeline:
     """Run the schedule on a clock: a rank starts each compute action as soon as its previous
-    one ended and its receives have arrived (a message lands `comm` after its send is posted).
-    `time_of(rank, action)`, when given, overrides the uniform times per action (e.g. measured
-    per stage, or scaled by the stage cut's costs)."""
+    one ended and its receives returned. Posting a send takes the rank `durations.send`, and
+    its message lands `durations.comm` after the posting began. A receive returns at the later
+    of its message's landing and its own posting plus `durations.recv`. `time_of(rank, action)`,
+    when given, overrides the uniform times of compute actions (e.g. measured per rank and
+    stage, or scaled by the stage cut's costs)."""
     durations = durations or Durations()
     time_of = time_of or (lambda rank, action: durations.of(action))
     ops = schedule.actions
-    pos = {r: 0 for r in ops}
     clock = {r: 0.0 for r in ops}
     arrival: dict[tuple, float] = {}
     spans: dict[int, list[Span]] = {r: [] for r in ops}
-    progress = True
-    while progress:
-        progress = False
-        for rank in ops:
-            while pos[rank] < len(ops[rank]):
-                action = ops[rank][pos[rank]]
-                d, s, m = action.chunk
-                if action.kind is Kind.SEND_F:
-                    arrival[(rank, action.peer, Kind.RECV_F, d, s + 1, m)] = clock[rank] + durations.comm
-                elif action.kind is Kind.SEND_B:
-                    arrival[(rank, action.peer, Kind.RECV_B, d, s - 1, m)] = clock[rank] + durations.comm
-                elif action.kind in (Kind.RECV_F, Kind.RECV_B):
-                    key = (action.peer, rank, action.kind, d, s, m)
-                    if key not in arrival:
-                        break
-                    clock[rank] = max(clock[rank], arrival[key])
-                else:
-                    end = clock[rank] + time_of(rank, action)
-                    spans[rank].append(Span(clock[rank], end, action))
-                    clock[rank] = end
-                pos[rank] += 1
-                progress = True
-    stuck = [r for r in ops if pos[r] < len(ops[r])]
+    receives: dict[int, list[Span]] = {r: [] for r in ops}
+
+    def advance(rank: int, pos: Mapping[int, int]) -> int:
+        action = ops[rank][pos[rank]]
+        if action.kind in (Kind.SEND_F, Kind.SEND_B):
+            arrival[message(rank, action)] = clock[rank] + durations.comm
+            clock[rank] += durations.send
+        elif action.kind in (Kind.RECV_F, Kind.RECV_B):
+            key = message(rank, action)
+            if key not in arrival:
+                return 0
+            end = max(clock[rank] + durations.recv, arrival[key])
+            receives[rank].append(Span(clock[rank], end, action))
+            clock[rank] = end
+        else:
+            end = clock[rank] + time_of(rank, action)
+            spans[rank].append(Span(clock[rank], end, action))
+            clock[rank] = end
+        return 1
+
+    stuck = play(schedule, advance)
     if stuck:
-        raise ScheduleError(f"{schedule.name} deadlocks: rank {stuck[0]} waits at {ops[stuck[0]][pos[stuck[0]]]}")
-    return Timeline(schedule, durations, spans, max(clock.values(), default=0.0))
+        rank, index = next(iter(stuck.items()))
+        raise ScheduleError(f"{schedule.name} deadlocks: rank {rank} waits at {ops[rank][index]}")
+    return Timeline(schedule, durations, spans, max(clock.values(), default=0.0), receives)

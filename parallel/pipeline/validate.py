@@ -4,8 +4,10 @@ that holds the stage, each in dependency order, and every send met by its receiv
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 
-from parallel.pipeline.actions import COMM_KINDS, Action, Kind, PipelineSchedule
+from parallel.pipeline.actions import COMM_KINDS, Kind, PipelineSchedule
+from parallel.pipeline.replay import message, play
 
 
 class ScheduleError(ValueError):
@@ -13,17 +15,6 @@ class ScheduleError(ValueError):
 
 
 _MATCH = {Kind.SEND_F: Kind.RECV_F, Kind.SEND_B: Kind.RECV_B}
-
-
-def _message(rank: int, action: Action) -> tuple:
-    """The identity of the tensor a SEND or RECV moves: (sender, receiver, kind, direction,
-    stage, micro-batch), named from the receiver's side so a SEND and its RECV agree."""
-    d, s, m = action.chunk
-    if action.kind is Kind.SEND_F:
-        return (rank, action.peer, Kind.RECV_F, d, s + 1, m)
-    if action.kind is Kind.SEND_B:
-        return (rank, action.peer, Kind.RECV_B, d, s - 1, m)
-    return (action.peer, rank, action.kind, d, s, m)
 
 
 def _check_counts(schedule: PipelineSchedule) -> None:
@@ -101,52 +92,41 @@ def _run(schedule: PipelineSchedule, batched: bool) -> None:
     (blocking rendezvous, as NCCL send/recv inside a group).
     """
     ops = schedule.actions
-    pos = {r: 0 for r in ops}
     posted: set[tuple] = set()
     matched: set[tuple[int, int]] = set()  # (rank, index) of batched operations that met their partner
 
-    def batch(rank: int) -> range:
-        end = pos[rank]
+    def batch(rank: int, start: int) -> range:
+        end = start
         while end < len(ops[rank]) and ops[rank][end].kind in COMM_KINDS:
             end += 1
-        return range(pos[rank], end)
+        return range(start, end)
 
-    progress = True
-    while progress:
-        progress = False
-        for rank in ops:
-            while pos[rank] < len(ops[rank]):
-                action = ops[rank][pos[rank]]
-                if action.is_compute:
-                    pos[rank] += 1
-                elif not batched:
-                    key = _message(rank, action)
-                    if action.kind in _MATCH:
-                        if key in posted:
-                            raise ScheduleError(f"rank {rank}: {action} is sent twice")
-                        posted.add(key)
-                    elif key not in posted:
-                        break
-                    pos[rank] += 1
-                else:
-                    mine = batch(rank)
-                    for i in mine:
-                        if (rank, i) in matched:
-                            continue
-                        key = _message(rank, ops[rank][i])
-                        peer = ops[rank][i].peer
-                        for j in batch(peer):
-                            if (peer, j) not in matched and _message(peer, ops[peer][j]) == key:
-                                matched.update({(rank, i), (peer, j)})
-                                break
-                    if not all((rank, i) in matched for i in mine):
-                        break
-                    pos[rank] = mine.stop
-                progress = True
-    stuck = {r: ops[r][pos[r]] for r in ops if pos[r] < len(ops[r])}
+    def advance(rank: int, pos: Mapping[int, int]) -> int:
+        action = ops[rank][pos[rank]]
+        if action.is_compute:
+            return 1
+        if not batched:
+            key = message(rank, action)
+            if action.kind in _MATCH:
+                if key in posted:
+                    raise ScheduleError(f"rank {rank}: {action} is sent twice")
+                posted.add(key)
+            return 1 if key in posted else 0
+        mine = batch(rank, pos[rank])
+        for i in mine:
+            if (rank, i) in matched:
+                continue
+            key, peer = message(rank, ops[rank][i]), ops[rank][i].peer
+            for j in batch(peer, pos[peer]):
+                if (peer, j) not in matched and message(peer, ops[peer][j]) == key:
+                    matched.update({(rank, i), (peer, j)})
+                    break
+        return len(mine) if all((rank, i) in matched for i in mine) else 0
+
+    stuck = play(schedule, advance)
     if stuck:
         mode = "batched rendezvous" if batched else "asynchronous sends"
-        waits = "; ".join(f"rank {r} at {a}" for r, a in stuck.items())
+        waits = "; ".join(f"rank {r} at {ops[r][i]}" for r, i in stuck.items())
         raise ScheduleError(f"{schedule.name} deadlocks with {mode}: {waits}")
 
 
@@ -157,9 +137,9 @@ def _check_matching(schedule: PipelineSchedule) -> None:
     for rank, ops in schedule.actions.items():
         for action in ops:
             if action.kind in _MATCH:
-                sends[_message(rank, action)] += 1
+                sends[message(rank, action)] += 1
             elif action.kind in COMM_KINDS:
-                recvs[_message(rank, action)] += 1
+                recvs[message(rank, action)] += 1
     if sends != recvs:
         unmatched = (sends - recvs) + (recvs - sends)
         sender, receiver, kind, d, s, m = next(iter(unmatched))
@@ -183,7 +163,7 @@ def _check_pair_order(schedule: PipelineSchedule) -> None:
     for rank, ops in schedule.actions.items():
         for action in ops:
             if action.kind in COMM_KINDS:
-                key = _message(rank, action)
+                key = message(rank, action)
                 (sent if action.kind in _MATCH else received).setdefault(key[:2], []).append(key)
 
     def tensor(key: tuple) -> str:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from parallel.pipeline import Durations, build_schedule, simulate
+from parallel.pipeline.actions import Kind
+
 pytestmark = pytest.mark.slow
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
@@ -85,15 +88,77 @@ def test_bench_checkpoint_tables_and_goals():
     assert stdout.count("- goal: ") == 2
 
 
-def test_bench_pipeline_table_per_schedule_and_pp():
+def test_bench_pipeline_tables_per_schedule_and_pp():
     stdout = _quick("bench_pipeline.py")
     assert "pp=4: 4 processes on" in stdout or "oversubscribed" not in stdout
-    steps, kinds = _tables(stdout)
+    assert "load average (1/5/15 min)" in stdout  # the machine's load is part of the result
+    steps, inputs, messages, kinds = _tables(stdout)
     assert steps[0][:3] == ["schedule", "pp", "step ms"]
     schedules = ["gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev"]
-    assert [(row[0], row[1]) for row in steps[1:]] == [(s, pp) for pp in ("2", "4") for s in schedules]
+    expected = [(s, pp) for pp in ("2", "4") for s in schedules]
+    for table in (steps, inputs, messages, kinds):
+        assert [(row[0], row[1]) for row in table[1:]] == expected
     for row in steps[1:]:
-        per_rank = [float(x) for x in row[3].split(" / ")]
-        assert len(per_rank) == int(row[1]) and all(0 <= b < 100 for b in per_rank)
+        for column in (3, 6):  # measured and simulated bubble per rank
+            per_rank = [float(x) for x in row[column].split(" / ")]
+            assert len(per_rank) == int(row[1]) and all(0 <= b < 100 for b in per_rank)
         assert float(row[2]) > 0 and float(row[5]) > 0 and float(row[8]) > 0
-    assert [row[0] for row in kinds[1:]] == [s for _ in ("2", "4") for s in schedules]
+    for row in inputs[1:]:  # "sim % (measured/sim)" for each set of simulator inputs
+        assert all(re.fullmatch(r"[0-9.]+ \([0-9.]+\)", cell) for cell in row[3:]), row
+    for row in messages[1:]:
+        # the timing hook recorded every receive the schedule has, once per timed step
+        schedule = build_schedule(row[0], int(row[1]), 8)
+        receives = sum(a.kind in (Kind.RECV_F, Kind.RECV_B) for ops in schedule.actions.values() for a in ops)
+        assert int(row[2]) == receives
+        assert 0 <= float(row[3]) <= 100 and float(row[4]) >= 0 and float(row[5]) >= 0
+        assert float(row[6]) >= 0 and float(row[7]) >= 0  # posting a send, a gap without one
+        assert 0 < float(row[8]) < 100 and 0 <= float(row[9]) < 100  # time in receives, between actions
+
+
+def _simulated_timestamps(schedule, timeline, start: float) -> list[dict]:
+    """Per rank, one step's record as the bench's workers return it, made from a simulated timeline."""
+    runs = []
+    for rank, ops in schedule.actions.items():
+        compute, receives, spans = iter(timeline.spans[rank]), iter(timeline.receives[rank]), []
+        for action in ops:
+            if action.is_compute or action.kind in (Kind.RECV_F, Kind.RECV_B):
+                span = next(compute if action.is_compute else receives)
+                assert span.action == action
+                spans.append((str(action), start + span.start, start + span.end))
+        runs.append({"start": start, "end": max(end for _, _, end in spans), "spans": spans})
+    return runs
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev"])
+def test_bench_pipeline_analysis_recovers_a_simulated_run(name):
+    """Timestamps that the simulator made (rank 0's stages 1.5x slower, each stage's last backward
+    0.5 longer, a receive posted after its send takes 0.3, one waiting for it returns 0.1 after
+    the send, posting a send takes 0.05): the bench's analysis finds the three message costs and
+    predicts the bubble of every rank exactly; without the message costs it would predict less."""
+    from scripts.bench_pipeline import analyse, edge_actions
+
+    schedule = build_schedule(name, 4, 8)
+    roles = {rank: edge_actions(schedule, rank) for rank in range(4)}
+
+    def time_of(rank, action):  # the last backward of a stage also reduces its gradients
+        extra = 0.5 if roles[rank].get(action) == "last backward" else 0.0
+        return Durations().of(action) * (1.5 if rank == 0 else 1.0) + extra
+
+    timeline = simulate(schedule, Durations(comm=0.1, send=0.05, recv=0.3), time_of=time_of)
+    steps = [_simulated_timestamps(schedule, timeline, start) for start in (10.0, 200.0)]
+    per_rank = [{name: [step[rank] for step in steps]} for rank in range(4)]
+    result = analyse(name, 4, 8, per_rank, cores=2)
+    assert result["comm_ms"] == pytest.approx(100) and result["recv_ms"] == pytest.approx(300)
+    assert result["send_ms"] == pytest.approx(50) and result["bare_gap_us"] == pytest.approx(0, abs=1e-6)
+    assert result["predicted"] == pytest.approx(result["measured"])
+    shares = [timeline.bubble(r) / timeline.step_time for r in range(4)]
+    assert result["measured"] == pytest.approx(shares)
+    assert result["replay"] == pytest.approx(sum(shares) / 4)
+    assert result["stage_only"] < sum(shares) / 4
+    # the gaps between a rank's recorded actions hold its sends (not those after its last action)
+    inside = sum(
+        ops[i].kind in (Kind.SEND_F, Kind.SEND_B) and any(a.kind not in (Kind.SEND_F, Kind.SEND_B) for a in ops[i:])
+        for ops in schedule.actions.values()
+        for i in range(len(ops))
+    )
+    assert result["between"] == pytest.approx(inside * 0.05 / (4 * timeline.step_time))

@@ -229,3 +229,26 @@ def test_interleaved_with_more_stages_per_rank(virtual, pp):
     schedule = build_schedule("interleaved_1f1b", pp, 2 * pp, virtual_stages=virtual)
     validate_schedule(schedule, ordered=True)
     assert set(simulate(schedule).bubbles.values()) == {(pp - 1) * 3.0}
+
+
+def test_a_receive_posted_after_its_send_still_takes_the_rendezvous_time():
+    """gloo moves a tensor only once its receive is posted: a receive posted before its send
+    returns `comm` after the send; one posted after it still takes `recv` (the round trip)."""
+    timeline = simulate(build_schedule("gpipe", 2, 2), Durations(comm=0.1, recv=0.25))
+    received = [(s.start, s.end, str(s.action)) for s in timeline.receives[1]]
+    assert received == [
+        (0, pytest.approx(1.1), "RECV_F0s1<-r0"),  # posted at once, the activation lands at 1 + 0.1
+        (pytest.approx(2.1), pytest.approx(2.35), "RECV_F1s1<-r0"),  # sent at 2, posted at 2.1: + 0.25
+    ]
+    assert [s.start for s in timeline.spans[1][:2]] == [pytest.approx(1.1), pytest.approx(2.35)]
+    with pytest.raises(ValueError, match="recv=-1"):
+        Durations(recv=-1)
+
+
+def test_posting_a_send_occupies_the_sender_not_the_message():
+    """gloo writes a tensor into the socket in the sender's thread: the sender's next action
+    waits `send`; the message leaves when the posting starts."""
+    timeline = simulate(build_schedule("gpipe", 2, 2), Durations(send=0.2))
+    assert [(s.start, s.end) for s in timeline.spans[0][:2]] == [(0, 1), (pytest.approx(1.2), pytest.approx(2.2))]
+    assert timeline.spans[1][0].start == 1
+    assert timeline.bubble(0) == pytest.approx(timeline.step_time - 6)  # posting counts as idle, not busy

@@ -2,9 +2,15 @@
 input and output for the backward, activations and their gradients travel by isend/irecv on the
 pipeline group (one tag per tensor), and the last stage calls the loss.
 
-B runs the whole backward (input and weight gradients) and its W does nothing; F&B runs its
+BW runs a stage's whole backward. B computes only the gradient of the stage's input and W, later,
+the weight gradients, without going down the input's chain again (backward_split.py; on the first
+stage, which has no input gradient, B computes nothing and W the whole backward). F&B runs its
 forward, then its backward, one after the other (not overlapped). With `timings` set to a list,
 each compute action's (action, start, end) is appended to it (time.perf_counter seconds).
+
+FSDP2 reduces gradients once per step, after the last B/W/BW: during the step every unit keeps its
+gradients (and stays unsharded after a backward, so a W finds its weights as B left them), and
+step() ends with each unit's reduce-scatter (parallel/compat.py, as torch's PipelineStage does).
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.compat import defer_fsdp_gradient_reduction, reduce_fsdp_gradients
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
+from parallel.pipeline.backward_split import PendingWeightGradients, backward_input, backward_weight
 
 # stage, input tokens [B, S], the previous stage's output [B, S, D] (None on the first stage)
 StageFn = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor | tuple[torch.Tensor, ...]]
@@ -27,8 +35,8 @@ WIRE_DTYPE = torch.float32  # activations and gradients travel in fp32 (exact fo
 
 class PipelineRuntime:
     """One rank's executor. `stage_fn(stage, tokens_BS, h_BSD)` runs one of this rank's stages;
-    `units[stage]` are the FSDP modules it uses: each reduces its gradients only in the last
-    backward on this rank that touches it (a module may serve two stages, the root does)."""
+    `units[stage]` are the FSDP modules it uses: each reduces its gradients once, at the end of
+    the step (a module may serve two stages, the root does: it is reduced once)."""
 
     def __init__(
         self,
@@ -49,19 +57,9 @@ class PipelineRuntime:
         self.stages = {s for _, s in schedule.stages_of(pp_rank)}
         self.holds_last_stage = self.last_stage in self.stages
         self.global_rank = {r: dist.get_global_rank(pp_group, r) for r in range(schedule.pp)}
-        self._sync_plan = self._plan_gradient_sync(units)
+        self.units = list({id(unit): unit for stage in sorted(units) for unit in units[stage]}.values())
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
         self.timings: list[tuple[Action, float, float]] | None = None
-
-    def _plan_gradient_sync(self, units: dict[int, Sequence[nn.Module]]) -> list[tuple[nn.Module, int]]:
-        """-> (unit, index of the last backward action that touches it) for every unit."""
-        last: dict[int, tuple[nn.Module, int]] = {}
-        for i, action in enumerate(self.actions):
-            for part in action.parts():
-                if part.kind in (Kind.B, Kind.BW):
-                    for unit in units.get(part.stage, ()):
-                        last[id(unit)] = (unit, i)
-        return list(last.values())
 
     def _tag(self, kind: Kind, stage: int, microbatch: int) -> int:
         """One tag per tensor: the boundary it crosses (between stage b and b+1), micro-batch, way."""
@@ -85,8 +83,10 @@ class PipelineRuntime:
         self.received: dict[tuple[Kind, int, int], torch.Tensor] = {}
         self.input_grads: dict[tuple[int, int], torch.Tensor] = {}
         self.handover: dict[tuple[int, int], torch.Tensor] = {}  # output for the next stage, same rank
+        self.pending_weights: dict[tuple[int, int], PendingWeightGradients] = {}  # B done, its W not yet
+        defer_fsdp_gradient_reduction(self.units)
         sends: list[tuple[dist.Work, torch.Tensor]] = []
-        for index, action in enumerate(self.actions):
+        for action in self.actions:
             kind, key = action.kind, (action.stage, action.microbatch)
             if kind in (Kind.RECV_F, Kind.RECV_B):
                 buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
@@ -104,13 +104,16 @@ class PipelineRuntime:
                 for part in action.parts():
                     if part.kind is Kind.F:
                         self._forward(*part.chunk[1:])
-                    elif part.kind is not Kind.W:  # W: its B ran the whole backward
-                        self._backward(part.stage, part.microbatch, index)
+                    elif part.kind is Kind.W:
+                        backward_weight(self.pending_weights.pop((part.stage, part.microbatch)))
+                    else:
+                        self._backward(part.stage, part.microbatch, split=part.kind is Kind.B)
                 if self.timings is not None:
                     self.timings.append((action, start, time.perf_counter()))
         for work, _ in sends:
             work.wait()
-        if self.inputs or self.outputs or self.received or self.input_grads or self.handover:
+        reduce_fsdp_gradients(self.units)  # every B, W and BW of the step is done
+        if self.inputs or self.outputs or self.received or self.input_grads or self.handover or self.pending_weights:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: the step left unconsumed tensors")
 
     def _device(self) -> torch.device:
@@ -140,21 +143,25 @@ class PipelineRuntime:
             self.inputs[(stage, microbatch)] = h_in
         self.outputs[(stage, microbatch)] = out
 
-    def _backward(self, stage: int, microbatch: int, index: int) -> None:
-        for unit, last_index in self._sync_plan:
-            unit.set_requires_gradient_sync(index == last_index, recurse=False)
+    def _backward(self, stage: int, microbatch: int, split: bool) -> None:
+        """BW (split=False): the whole backward. B (split=True): the input gradient only; its W
+        (backward_weight) runs later from what B leaves in `pending_weights`."""
         out = self.outputs.pop((stage, microbatch))
-        if stage == self.last_stage:
-            torch.autograd.backward(out)
-        else:
+        grad = None  # the last stage's output is the loss
+        if stage != self.last_stage:
             if stage + 1 in self.stages:
                 grad = self.input_grads.pop((stage + 1, microbatch))
             else:
                 grad = self.received.pop((Kind.RECV_B, stage, microbatch))
-            torch.autograd.backward(out, grad.to(out.dtype))
+            grad = grad.to(out.dtype)
         h_in = self.inputs.pop((stage, microbatch), None)
+        if split:
+            h_grad, self.pending_weights[(stage, microbatch)] = backward_input(out, grad, h_in)
+        else:
+            torch.autograd.backward(out, grad)
+            h_grad = None if h_in is None else h_in.grad if h_in.grad is not None else torch.zeros_like(h_in)
         if h_in is not None:
-            self.input_grads[(stage, microbatch)] = h_in.grad if h_in.grad is not None else torch.zeros_like(h_in)
+            self.input_grads[(stage, microbatch)] = h_grad
 
     @torch.no_grad()
     def forward_only(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, ...] | None:

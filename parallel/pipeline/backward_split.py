@@ -17,7 +17,6 @@ tell the two passes apart.
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,27 +25,29 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-_pass = threading.local()  # per thread: on CUDA autograd runs a backward on its own device thread
+# Which pass of a split backward is running: "input" (B), "weight" (W's fork calls) or None. Not
+# per thread: on CUDA the engine runs the backward on its device thread while the caller waits.
+_running_pass: str | None = None
 
 
 def input_gradient_wanted() -> bool:
     """False inside W's fork calls, where only weight gradients are asked for."""
-    return getattr(_pass, "kind", None) != "weight"
+    return _running_pass != "weight"
 
 
 def weight_gradient_wanted() -> bool:
     """False inside B, which asks for the stage input's gradient only."""
-    return getattr(_pass, "kind", None) != "input"
+    return _running_pass != "input"
 
 
 @contextmanager
 def _backward_pass(kind: str) -> Iterator[None]:
-    previous = getattr(_pass, "kind", None)
-    _pass.kind = kind
+    global _running_pass
+    previous, _running_pass = _running_pass, kind
     try:
         yield
     finally:
-        _pass.kind = previous
+        _running_pass = previous
 
 
 @dataclass

@@ -97,3 +97,14 @@ def test_bench_pipeline_table_per_schedule_and_pp():
         assert len(per_rank) == int(row[1]) and all(0 <= b < 100 for b in per_rank)
         assert float(row[2]) > 0 and float(row[5]) > 0 and float(row[8]) > 0
     assert [row[0] for row in kinds[1:]] == [s for _ in ("2", "4") for s in schedules]
+
+
+def test_bench_backward_split_table_per_stage():
+    (table,) = _tables(_quick("bench_backward_split.py"))
+    assert table[0][:3] == ["checkpointing", "stage", "BW ms"]
+    assert [(row[0], row[1]) for row in table[1:]] == [(ac, s) for ac in ("none", "full") for s in ("0", "1")]
+    for row in table[1:]:
+        bw, b, w = (float(x) for x in row[2:5])
+        assert bw > 0 and w > 0 and b > 0
+        if row[1] == "0":  # the first stage has no input gradient: its B only does the bookkeeping
+            assert b < 0.1 * w

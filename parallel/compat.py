@@ -141,6 +141,19 @@ def defer_fsdp_gradient_reduction(units: Sequence[nn.Module]) -> None:
         unit.set_is_last_backward(False)
 
 
+def fold_fsdp_gradients(units: Sequence[nn.Module]) -> None:
+    """Move the gradients a weight-gradient pass (W) left in FSDP2 `units`' unsharded parameters into
+    their accumulators in the reduce dtype (fp32 under bf16 compute), as FSDP2's own post-backward
+    does after each backward without a reduction: W runs outside the hooks that would. Private
+    FSDPParam methods (torch 2.13); where absent the gradients accumulate in the compute dtype."""
+    for unit in units:
+        for group in _fsdp_param_groups(unit._get_fsdp_state()):
+            for param in group.fsdp_params:
+                if hasattr(param, "to_accumulated_grad_if_needed"):
+                    param.accumulate_unsharded_grad_if_needed()
+                    param.to_accumulated_grad_if_needed()
+
+
 def reduce_fsdp_gradients(units: Sequence[nn.Module]) -> None:
     """After the last backward of a pipeline step: reduce (reduce-scatter, and all-reduce under HSDP)
     every unit's accumulated gradients once, reshard it, and let FSDP2 finish its backward, as

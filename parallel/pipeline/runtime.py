@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.compat import defer_fsdp_gradient_reduction, reduce_fsdp_gradients
+from parallel.compat import defer_fsdp_gradient_reduction, fold_fsdp_gradients, reduce_fsdp_gradients
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
 from parallel.pipeline.backward_split import PendingWeightGradients, backward_input, backward_weight
 
@@ -57,6 +57,7 @@ class PipelineRuntime:
         self.stages = {s for _, s in schedule.stages_of(pp_rank)}
         self.holds_last_stage = self.last_stage in self.stages
         self.global_rank = {r: dist.get_global_rank(pp_group, r) for r in range(schedule.pp)}
+        self.stage_units = units
         self.units = list({id(unit): unit for stage in sorted(units) for unit in units[stage]}.values())
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
         self.timings: list[tuple[Action, float, float]] | None = None
@@ -106,6 +107,7 @@ class PipelineRuntime:
                         self._forward(*part.chunk[1:])
                     elif part.kind is Kind.W:
                         backward_weight(self.pending_weights.pop((part.stage, part.microbatch)))
+                        fold_fsdp_gradients(self.stage_units.get(part.stage, ()))
                     else:
                         self._backward(part.stage, part.microbatch, split=part.kind is Kind.B)
                 if self.timings is not None:

@@ -5,6 +5,14 @@ and all-to-all outputs), applied by patching each block's forward, so parameter 
 Layers that count something in their forward (expert loads) ask `is_recomputing()` so that the
 backward's rerun of a block does not count twice.
 
+The rerun happens once per checkpointed call, whatever the number of backward passes that unpack
+its saved tensors: a pipeline's split backward (parallel/pipeline/backward_split.py) runs B, which
+reruns the block, and later W, which reuses what the rerun saved. torch.utils.checkpoint cannot do
+this (it reruns once per backward call, or refuses a second unpack inside a GraphExecGroup, and
+autograd's nodes unpack every saved tensor however few gradients they compute), so the
+non-reentrant checkpoint here is our own: saved-tensor hooks that pack a slot, a rerun on the first
+unpack that fills the slots still alive, and each recomputed tensor freed with the node that saved it.
+
 "selective" keeps the outputs of the ops in _SAVED_OPS in a first-in-first-out queue per op (and
 input shapes) and hands them back, in order, when the backward reruns the block. torch's own
 create_selective_checkpoint_contexts indexes every op instead, and FSDP2's hooks of the units
@@ -14,7 +22,9 @@ pre-forward), which it refuses or, worse, answers with another op's cached tenso
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -22,7 +32,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
-from torch.utils.checkpoint import checkpoint
 
 import parallel.all_to_all  # noqa: F401  (registers moe_launch::all_to_all, kept by "selective")
 from parallel.compat import detach_below_autograd, ops_that_exist, torch_dispatch_mode
@@ -122,19 +131,98 @@ def _selective_contexts() -> tuple[AbstractContextManager, AbstractContextManage
     return _KeepOutputs(kept), _recomputing(_ReuseOutputs(kept))
 
 
+class _Slot:
+    """What the forward saves in place of a tensor; the rerun fills it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self):
+        self.tensor: torch.Tensor | None = None
+
+
+class _Checkpointed:
+    """One checkpointed call: its inputs, RNG and autocast state, and a slot per saved tensor."""
+
+    def __init__(self, forward: Callable, args: tuple, kwargs: dict, recompute_context: AbstractContextManager):
+        self.forward, self.args, self.kwargs, self.recompute_context = forward, args, kwargs, recompute_context
+        self.slots: list[weakref.ref] = []
+        self.rerun_done = False
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        self.device_type = tensors[0].device.type if tensors else "cpu"
+        self.cpu_rng = torch.get_rng_state()
+        self.device_rng = None
+        if self.device_type != "cpu" and hasattr(torch.get_device_module(self.device_type), "get_rng_state"):
+            self.device_rng = torch.get_device_module(self.device_type).get_rng_state()
+        self.autocast = {
+            d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in {"cpu", self.device_type}
+        }
+
+    def pack(self, tensor: torch.Tensor) -> _Slot:
+        slot = _Slot()
+        self.slots.append(weakref.ref(slot))
+        return slot
+
+    def unpack(self, slot: _Slot) -> torch.Tensor:
+        if not self.rerun_done:
+            self.rerun_done = True
+            self._rerun()
+        if slot.tensor is None:
+            raise RuntimeError("activation checkpointing: a saved tensor was not recomputed")
+        return slot.tensor
+
+    def _rerun(self) -> None:
+        """Run the forward again; every tensor it saves fills the next slot (if that slot's node
+        still lives). The rerun's own graph is dropped: only its saved tensors are used."""
+        saved = 0
+
+        def fill(tensor: torch.Tensor) -> None:
+            nonlocal saved
+            if saved >= len(self.slots):
+                raise RuntimeError(f"activation checkpointing: the rerun saved more tensors than the forward ({saved})")
+            slot = self.slots[saved]()
+            saved += 1
+            if slot is not None:
+                slot.tensor = tensor.detach() if tensor.requires_grad else tensor
+
+        def never(_) -> None:
+            raise RuntimeError("activation checkpointing: the rerun's own graph is never differentiated")
+
+        args = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in self.args]
+        devices = [torch.get_device_module(self.device_type).current_device()] if self.device_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device_type):
+            torch.set_rng_state(self.cpu_rng)
+            if self.device_rng is not None:
+                torch.get_device_module(self.device_type).set_rng_state(self.device_rng)
+            with contextlib.ExitStack() as stack:
+                for device, (enabled, dtype) in self.autocast.items():
+                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(fill, never))
+                stack.enter_context(self.recompute_context)
+                self.forward(*args, **self.kwargs)
+        if saved != len(self.slots):
+            raise RuntimeError(
+                f"activation checkpointing: the forward saved {len(self.slots)} tensors, its rerun {saved}"
+            )
+
+
 def _checkpointed(forward: Callable, context_fn: Callable) -> Callable:
     def checkpointed_forward(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing is kept anyway
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        forward_context, recompute_context = context_fn()
+        call = _Checkpointed(forward, args, kwargs, recompute_context)
+        with torch.autograd.graph.saved_tensors_hooks(call.pack, call.unpack), forward_context:
+            return forward(*args, **kwargs)
 
     checkpointed_forward.__wrapped__ = forward
     return checkpointed_forward
 
 
 def apply_activation_checkpointing(blocks: Iterable[nn.Module], mode: str) -> None:
-    """Checkpoint each of `blocks` (before sharding): its forward becomes the original one run
-    under torch.utils.checkpoint (non-reentrant). No module is added, so names stay the same."""
+    """Checkpoint each of `blocks` (before sharding): its forward becomes the original one run under
+    saved-tensor hooks that keep nothing but its inputs (non-reentrant checkpointing, one rerun in
+    the backward). No module is added, so names stay the same."""
     if mode not in ACTIVATION_CHECKPOINTING:
         raise ValueError(f"train.activation_checkpointing={mode}: allowed: {', '.join(ACTIVATION_CHECKPOINTING)}")
     if mode == "none":

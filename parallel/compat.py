@@ -8,12 +8,15 @@ tensors (2.11 uses `tree_flatten`, which skips unregistered dataclasses; 2.13 wa
 dataclasses too), `torch._grouped_mm` (a private op whose CPU/CUDA kernels depend on the
 build), FSDP2's divide-factor and forced-SUM reduction (present and identical in both), and
 the device-mesh, DTensor, functional-collective and DCP staging APIs this package uses
-(present and identical in both, so they need no check).
+(present and identical in both, so they need no check). FSDP2's per-unit state for a gradient
+reduction run by hand (torch 2.13 source; the older single `_fsdp_param_group` found in earlier
+FSDP2 sources is read too): see reduce_fsdp_gradients.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
@@ -111,3 +114,63 @@ def detach_below_autograd(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach()
     with guard(torch._C.DispatchKey.ADInplaceOrView, False):
         return tensor.detach()
+
+
+def _fsdp_param_groups(state) -> list:
+    """A unit's FSDP2 parameter groups: a list `_fsdp_param_groups` in torch 2.13, one optional
+    `_fsdp_param_group` in earlier FSDP2 releases."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    if not hasattr(state, "_fsdp_param_group"):
+        raise RuntimeError(
+            f"this torch ({torch.__version__}) has no FSDP2 parameter groups where moe-launch looks for them "
+            "(_fsdp_param_groups or _fsdp_param_group); moe-launch supports torch 2.11 to 2.15"
+        )
+    group = state._fsdp_param_group
+    return [] if group is None else [group]
+
+
+def defer_fsdp_gradient_reduction(units: Sequence[nn.Module]) -> None:
+    """For the backwards of one pipeline step: FSDP2 `units` keep their gradients unreduced and stay
+    unsharded after a backward, so a weight-gradient pass (W) that runs after the input-gradient
+    one (B) still finds them; reduce_fsdp_gradients ends the step. (Public FSDPModule setters.)"""
+    for unit in units:
+        unit.set_requires_gradient_sync(False, recurse=False)
+        unit.set_reshard_after_backward(False, recurse=False)
+        unit.set_is_last_backward(False)
+
+
+def fold_fsdp_gradients(units: Sequence[nn.Module]) -> None:
+    """Move the gradients a weight-gradient pass (W) left in FSDP2 `units`' unsharded parameters into
+    their accumulators in the reduce dtype (fp32 under bf16 compute), as FSDP2's own post-backward
+    does after each backward without a reduction: W runs outside the hooks that would. Private
+    FSDPParam methods (torch 2.13); where absent the gradients accumulate in the compute dtype."""
+    for unit in units:
+        for group in _fsdp_param_groups(unit._get_fsdp_state()):
+            for param in group.fsdp_params:
+                if hasattr(param, "to_accumulated_grad_if_needed"):
+                    param.accumulate_unsharded_grad_if_needed()
+                    param.to_accumulated_grad_if_needed()
+
+
+def reduce_fsdp_gradients(units: Sequence[nn.Module]) -> None:
+    """After the last backward of a pipeline step: reduce (reduce-scatter, and all-reduce under HSDP)
+    every unit's accumulated gradients once, reshard it, and let FSDP2 finish its backward, as
+    torch.distributed.pipelining's PipelineStage.perform_reduce_grad does: each parameter group's
+    `post_backward()`, then the root state's `_root_post_backward_final_callback()` (private; the
+    same names in the FSDP2 sources read, torch 2.13 and earlier). Every rank holding the same
+    stages calls this with the same units in the same order, so the collectives line up."""
+    states = []
+    for unit in units:
+        unit.set_requires_gradient_sync(True, recurse=False)
+        unit.set_reshard_after_backward(True, recurse=False)
+        unit.set_is_last_backward(True)
+        state = unit._get_fsdp_state()
+        states.append(state)
+        for group in _fsdp_param_groups(state):
+            group.post_backward()
+    if states:
+        everyone = getattr(states[0]._state_ctx, "all_states", states)
+        root = next((s for s in everyone if getattr(s, "_is_root", False)), states[0])
+        root._root_post_backward_final_callback()

@@ -3,11 +3,17 @@ input and output for the backward, activations and their gradients travel by ise
 pipeline group (one tag per tensor), and the last stage calls the loss. Everything is keyed by
 (direction, stage, micro-batch): DualPipe's two model copies each have a last stage.
 
-B runs the whole backward (input and weight gradients) and its W does nothing. With `overlap`,
-F&B runs its forward and its backward interleaved at their expert all-to-alls, each one's
-all-to-all in flight while the other computes (parallel/pipeline/overlap.py); without, one
-after the other. With `timings` set to a list, each compute action's (action, start, end) is
-appended to it (time.perf_counter seconds); `a2a_times` holds the last step's all-to-all times.
+BW runs a stage's whole backward. B computes only the gradient of the stage's input and W, later,
+the weight gradients, without going down the input's chain again (backward_split.py; on the first
+stage, which has no input gradient, B computes nothing and W the whole backward). With `overlap`,
+F&B runs its forward and its backward (a BW) interleaved at their expert all-to-alls, each one's
+all-to-all in flight while the other computes (parallel/pipeline/overlap.py); without, one after
+the other. With `timings` set to a list, each compute action's (action, start, end) is appended
+to it (time.perf_counter seconds); `a2a_times` holds the last step's all-to-all times.
+
+FSDP2 reduces gradients once per step, after the last B/W/BW: during the step every unit keeps its
+gradients (and stays unsharded after a backward, so a W finds its weights as B left them), and
+step() ends with each unit's reduce-scatter (parallel/compat.py, as torch's PipelineStage does).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.all_to_all import TIMES, AllToAllTimes
+from parallel.compat import defer_fsdp_gradient_reduction, fold_fsdp_gradients, reduce_fsdp_gradients
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
+from parallel.pipeline.backward_split import PendingWeightGradients, backward_input, backward_weight
 from parallel.pipeline.overlap import run_overlapped
 
 # stage, input tokens [B, S], the previous stage's output [B, S, D] (None on the first stage)
@@ -32,8 +40,8 @@ WIRE_DTYPE = torch.float32  # activations and gradients travel in fp32 (exact fo
 
 class PipelineRuntime:
     """One rank's executor. `stage_fn(stage, tokens_BS, h_BSD)` runs one of this rank's stages;
-    `units[stage]` are the FSDP modules it uses: each reduces its gradients only in the last
-    backward on this rank that touches it (a module may serve two stages, the root does)."""
+    `units[stage]` are the FSDP modules it uses: each reduces its gradients once, at the end of
+    the step (a module may serve two stages, the root does: it is reduced once)."""
 
     def __init__(
         self,
@@ -56,21 +64,12 @@ class PipelineRuntime:
         # The share of the step's micro-batches whose loss this rank computes (both halves under DualPipe).
         self.loss_share = sum(len(schedule.microbatches_of(d)) for d in last_held) / schedule.microbatches
         self.global_rank = {r: dist.get_global_rank(pp_group, r) for r in range(schedule.pp)}
-        self._sync_plan = self._plan_gradient_sync(units)
-        self.overlap, self.units = overlap, units
+        self.stage_units = units
+        self.units = list({id(unit): unit for stage in sorted(units) for unit in units[stage]}.values())
+        self.overlap = overlap
         self.a2a_times = AllToAllTimes()  # the last step's expert all-to-alls, this rank
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
         self.timings: list[tuple[Action, float, float]] | None = None
-
-    def _plan_gradient_sync(self, units: dict[int, Sequence[nn.Module]]) -> list[tuple[nn.Module, int]]:
-        """-> (unit, index of the last backward action that touches it) for every unit."""
-        last: dict[int, tuple[nn.Module, int]] = {}
-        for i, action in enumerate(self.actions):
-            for part in action.parts():
-                if part.kind in (Kind.B, Kind.BW):
-                    for unit in units.get(part.stage, ()):
-                        last[id(unit)] = (unit, i)
-        return list(last.values())
 
     def _tag(self, kind: Kind, direction: int, stage: int, microbatch: int) -> int:
         """One tag per tensor: model copy, the boundary it crosses (between stage b and b+1),
@@ -97,9 +96,11 @@ class PipelineRuntime:
         self.received: dict[tuple[Kind, int, int, int], torch.Tensor] = {}
         self.input_grads: dict[tuple[int, int, int], torch.Tensor] = {}
         self.handover: dict[tuple[int, int, int], torch.Tensor] = {}  # output for the next stage, same rank
+        self.pending_weights: dict[tuple[int, int, int], PendingWeightGradients] = {}  # B done, its W not yet
+        defer_fsdp_gradient_reduction(self.units)
         sends: list[tuple[dist.Work, torch.Tensor]] = []
         TIMES.reset()
-        for index, action in enumerate(self.actions):
+        for action in self.actions:
             kind, key = action.kind, action.chunk
             if kind in (Kind.RECV_F, Kind.RECV_B):
                 start = time.perf_counter() if self.timings is not None else 0.0
@@ -119,18 +120,22 @@ class PipelineRuntime:
                 start = time.perf_counter() if self.timings is not None else 0.0
                 overlapped = kind is Kind.FB and self.overlap
                 if overlapped:
-                    self._forward_and_backward(action, index)
+                    self._forward_and_backward(action)
                 for part in () if overlapped else action.parts():
                     if part.kind is Kind.F:
                         self._forward(*part.chunk)
-                    elif part.kind is not Kind.W:  # W: its B ran the whole backward
-                        self._backward(*part.chunk, index)
+                    elif part.kind is Kind.W:
+                        backward_weight(self.pending_weights.pop(part.chunk))
+                        fold_fsdp_gradients(self.stage_units.get(part.stage, ()))
+                    else:
+                        self._backward(*part.chunk, split=part.kind is Kind.B)
                 if self.timings is not None:
                     self.timings.append((action, start, time.perf_counter()))
         for work, _ in sends:
             work.wait()
+        reduce_fsdp_gradients(self.units)  # every B, W and BW of the step is done
         self.a2a_times = TIMES.snapshot()
-        if self.inputs or self.outputs or self.received or self.input_grads or self.handover:
+        if self.inputs or self.outputs or self.received or self.input_grads or self.handover or self.pending_weights:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: the step left unconsumed tensors")
 
     def _device(self) -> torch.device:
@@ -161,33 +166,37 @@ class PipelineRuntime:
             self.inputs[key] = h_in
         self.outputs[key] = out
 
-    def _forward_and_backward(self, action: Action, index: int) -> None:
-        """F&B overlapped: the forward here, the backward in a helper thread, switching at each
-        all-to-all (the same points on every rank of a group, so collectives stay in order)."""
+    def _forward_and_backward(self, action: Action) -> None:
+        """F&B overlapped: the forward here, the backward (a BW) in a helper thread, switching at
+        each all-to-all (the same points on every rank of a group, so collectives stay in order)."""
         f, b = action.parts()
         run_overlapped(
             lambda: self._forward(*f.chunk),
-            lambda: self._backward(*b.chunk, index),
-            self.units.get(f.stage, ()),
-            self.units.get(b.stage, ()),
+            lambda: self._backward(*b.chunk, split=b.kind is Kind.B),
+            self.stage_units.get(f.stage, ()),
+            self.stage_units.get(b.stage, ()),
         )
 
-    def _backward(self, direction: int, stage: int, microbatch: int, index: int) -> None:
+    def _backward(self, direction: int, stage: int, microbatch: int, split: bool) -> None:
+        """BW (split=False): the whole backward. B (split=True): the input gradient only; its W
+        (backward_weight) runs later from what B leaves in `pending_weights`."""
         key = (direction, stage, microbatch)
-        for unit, last_index in self._sync_plan:
-            unit.set_requires_gradient_sync(index == last_index, recurse=False)
         out = self.outputs.pop(key)
-        if stage == self.last_stage:
-            torch.autograd.backward(out)
-        else:
+        grad = None  # the last stage's output is the loss
+        if stage != self.last_stage:
             if (direction, stage + 1) in self.held:
                 grad = self.input_grads.pop((direction, stage + 1, microbatch))
             else:
                 grad = self.received.pop((Kind.RECV_B, *key))
-            torch.autograd.backward(out, grad.to(out.dtype))
+            grad = grad.to(out.dtype)
         h_in = self.inputs.pop(key, None)
+        if split:
+            h_grad, self.pending_weights[key] = backward_input(out, grad, h_in)
+        else:
+            torch.autograd.backward(out, grad)
+            h_grad = None if h_in is None else h_in.grad if h_in.grad is not None else torch.zeros_like(h_in)
         if h_in is not None:
-            self.input_grads[key] = h_in.grad if h_in.grad is not None else torch.zeros_like(h_in)
+            self.input_grads[key] = h_grad
 
     @torch.no_grad()
     def forward_only(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, ...] | None:

@@ -29,3 +29,17 @@ def test_grouped_mm_probe_answers_per_device_and_dtype():
 def test_divide_factor_on_a_module_without_fsdp_says_what_is_missing():
     with pytest.raises(RuntimeError, match=r"has no FSDPModule.set_gradient_divide_factor; .* 2.11 to 2.15"):
         set_gradient_divide_factor(nn.Linear(2, 2), 4.0, 2)
+
+
+def test_fsdp_param_groups_read_in_both_layouts_of_the_state():
+    """torch 2.13 keeps a list `_fsdp_param_groups`; earlier FSDP2 one optional `_fsdp_param_group`."""
+    from types import SimpleNamespace
+
+    from parallel.compat import _fsdp_param_groups
+
+    group = object()
+    assert _fsdp_param_groups(SimpleNamespace(_fsdp_param_groups=[group])) == [group]
+    assert _fsdp_param_groups(SimpleNamespace(_fsdp_param_group=group)) == [group]
+    assert _fsdp_param_groups(SimpleNamespace(_fsdp_param_group=None)) == []
+    with pytest.raises(RuntimeError, match=r"no FSDP2 parameter groups .* 2.11 to 2.15"):
+        _fsdp_param_groups(SimpleNamespace())

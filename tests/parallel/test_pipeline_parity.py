@@ -46,6 +46,9 @@ LAYOUTS = {
     "dualpipe pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=dualpipe", "model.n_layers=4"]),
     "dualpipe pp=2 x ep=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "parallel.ep=2"]),
     "dualpipe pp=2 x dp_shard=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "parallel.dp_shard=2"]),
+    # B and W split (backward_split.py), FSDP's reduce-scatter once after the step's last W
+    "zb1p pp=2 x dp_shard=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=zb1p", "parallel.dp_shard=2"]),
+    "zb1p pp=2 x ep=2": (4, [], ["parallel.pp=2", "parallel.pp_schedule=zb1p", "parallel.ep=2"]),
 }
 
 

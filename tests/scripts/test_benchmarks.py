@@ -162,3 +162,14 @@ def test_bench_pipeline_analysis_recovers_a_simulated_run(name):
         for i in range(len(ops))
     )
     assert result["between"] == pytest.approx(inside * 0.05 / (4 * timeline.step_time))
+
+
+def test_bench_backward_split_table_per_stage():
+    (table,) = _tables(_quick("bench_backward_split.py"))
+    assert table[0][:3] == ["checkpointing", "stage", "BW ms"]
+    assert [(row[0], row[1]) for row in table[1:]] == [(ac, s) for ac in ("none", "full") for s in ("0", "1")]
+    for row in table[1:]:
+        bw, b, w = (float(x) for x in row[2:5])
+        assert bw > 0 and w > 0 and b > 0
+        if row[1] == "0":  # the first stage has no input gradient: its B only does the bookkeeping
+            assert b < 0.1 * w

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from parallel.compat import grouped_mm_supported
+from parallel.pipeline.backward_split import input_gradient_wanted, weight_gradient_wanted
 
 __all__ = ["grouped_mm", "grouped_mm_supported", "looped_mm"]
 
@@ -35,9 +36,10 @@ class _GroupedMM(torch.autograd.Function):
         x_MI, w_LIO, offsets_L = ctx.saved_tensors
         grad_MO = grad_MO.contiguous()
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
+        # A pipeline's split backward asks for the two in separate passes (B, then W).
+        if ctx.needs_input_grad[0] and input_gradient_wanted():
             grad_x = torch._grouped_mm(grad_MO, w_LIO.transpose(-2, -1), offs=offsets_L)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and weight_gradient_wanted():
             # (I x M) @ (M x O) split along M by the offsets -> one I x O block per expert.
             grad_w = torch._grouped_mm(x_MI.t(), grad_MO, offs=offsets_L)
         return grad_x, grad_w, None

@@ -1,0 +1,130 @@
+"""Benchmark the split backward (CPU, gloo, pp=2): per stage, the whole backward (BW, as 1f1b runs it)
+against its input-gradient half B and weight-gradient half W (as zb1p runs them), same model and data.
+
+B + W close to BW means the split costs little (W redoes nothing; what it adds is engine calls and
+the graph walk of backward_split.py); W's share of B + W is what a zero-bubble schedule can move
+into its bubbles. The first stage has no input gradient: its B computes nothing and W everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from framework.config import Config  # noqa: E402
+from parallel.pipeline.actions import Kind  # noqa: E402
+from scripts.benchlib import print_table, run_ranks  # noqa: E402
+
+PP = 2
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--dim", type=int, default=512, help="at 128 the engine calls and graph walk dominate")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
+    p.add_argument("--checkpointing", type=str, default="none,full", help="activation checkpointing modes")
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 timed step: a smoke test")
+    args = p.parse_args()
+    if args.quick:
+        args.dim, args.layers, args.seq_len, args.steps = 32, 2, 16, 1
+    args.checkpointing = args.checkpointing.split(",")
+    for mode in args.checkpointing:
+        if mode not in ("none", "full", "selective"):
+            p.error(f"--checkpointing: {mode!r}: allowed: none, full, selective")
+    return args
+
+
+def config_yaml(args: argparse.Namespace, schedule: str, checkpointing: str) -> str:
+    heads = max(2, args.dim // 32)
+    overrides = [
+        f"model.dim={args.dim}", f"model.n_layers={args.layers}", f"model.n_heads={heads}",
+        f"model.n_kv_heads={heads // 2}", "model.vocab_size=256", f"model.seq_len={args.seq_len}",
+        f"model.ffn_dim={2 * args.dim}", "model.num_experts=8", "model.num_shared_experts=1", "model.top_k=2",
+        f"model.expert_dim={args.dim // 2}", "model.first_k_dense=1", "model.mtp_depth=1",
+        f"train.global_batch_size={args.microbatches}", "train.micro_batch_size=1",
+        "data.source=synthetic", "data.synthetic_tokens=200000", "logging.wandb.mode=disabled",
+        "train.device=cpu", f"parallel.pp={PP}", f"parallel.pp_schedule={schedule}",
+        f"train.activation_checkpointing={checkpointing}",
+    ]  # fmt: skip
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(overrides))
+    cfg.launcher.nproc_per_node = PP
+    cfg.run_dir = str(Path(args.run_dir) / f"{schedule}-{checkpointing}")
+    return OmegaConf.to_yaml(cfg)
+
+
+def _measure(rank: int, world: int, cfg_yamls: dict[tuple[str, str], str], steps: int) -> dict:
+    """-> (schedule, checkpointing) -> (kind, stage) -> this rank's action times (s), timed steps only."""
+    from framework.distributed import DistContext
+    from framework.train import Trainer
+
+    torch.manual_seed(0)
+    results = {}
+    for key, cfg_yaml in cfg_yamls.items():
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
+        trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+        times: dict[tuple[str, int], list[float]] = {}
+        for i in range(1 + steps):
+            trainer.pipeline.timings = []
+            dist.barrier()
+            trainer.forward_backward_step(trainer.loader.next_step())
+            trainer.optimizer.zero_grad(set_to_none=True)
+            if i == 0:
+                continue
+            for action, start, end in trainer.pipeline.timings:
+                if action.kind in (Kind.B, Kind.W, Kind.BW):
+                    times.setdefault((str(action.kind), action.stage), []).append(end - start)
+        results[key] = times
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        args.run_dir = run_dir
+        cfgs = {(s, ac): config_yaml(args, s, ac) for ac in args.checkpointing for s in ("1f1b", "zb1p")}
+        started = time.perf_counter()
+        per_rank = run_ranks(_measure, PP, cfgs, args.steps, timeout_s=1800)
+    print(
+        f"pp={PP}, {args.microbatches} micro-batches of 1 x {args.seq_len} tokens, dim {args.dim}, "
+        f"{args.layers} blocks, {args.steps} timed steps (median per action over both ranks' samples: "
+        f"robust to load from other processes); {time.perf_counter() - started:.0f} s\n"
+    )
+    rows = []
+    for ac in args.checkpointing:
+        for stage in range(PP):
+            mean = {}
+            for schedule, kind in (("1f1b", "BW"), ("zb1p", "B"), ("zb1p", "W")):
+                samples = [t for r in per_rank for t in r[(schedule, ac)].get((kind, stage), [])]
+                mean[kind] = 1e3 * statistics.median(samples)
+            split = mean["B"] + mean["W"]
+            rows.append(
+                [
+                    ac,
+                    stage,
+                    f"{mean['BW']:.2f}",
+                    f"{mean['B']:.2f}",
+                    f"{mean['W']:.2f}",
+                    f"{split:.2f}",
+                    f"{split / mean['BW']:.2f}",
+                    f"{mean['W'] / split:.0%}",
+                ]
+            )
+    print_table(["checkpointing", "stage", "BW ms", "B ms", "W ms", "B + W ms", "(B + W) / BW", "W share"], rows, 2)
+
+
+if __name__ == "__main__":
+    main()

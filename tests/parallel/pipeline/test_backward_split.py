@@ -1,0 +1,99 @@
+"""B then W on a real MoE block gives the gradients of one whole backward, and W redoes none of B's
+work: no matmul runs twice, no block is recomputed twice (activation checkpointing full/selective)."""
+
+from collections import Counter
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from framework.config import Config
+from framework.model.args import ModelArgs
+from framework.model.moe.layer import MoE
+from framework.model.transformer import MoETransformer
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.pipeline.backward_split import backward_input, backward_weight
+from tests.parallel.harness import PARITY_MODEL
+
+MATMULS = {"mm", "addmm", "bmm", "_grouped_mm"}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def moe_block(mode: str):
+    """The first MoE block of the parity model (shared expert, group-limited routing, aux loss)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(PARITY_MODEL))
+    model = MoETransformer(ModelArgs.from_config(cfg.model))
+    model.init_weights(0)
+    block = model.layers["1"]
+    assert isinstance(block.ffn, MoE)
+    apply_activation_checkpointing([block], mode)
+    return block, model.rope_cos, model.rope_sin
+
+
+def _run(block, cos, sin, h, grad, split: bool):
+    """-> (input gradient, weight gradients, op counts in the backward's parts, router reruns)."""
+    block.zero_grad(set_to_none=True)
+    routes = []
+    handle = block.ffn.router.register_forward_hook(lambda *_: routes.append(1))
+    h_in = h.detach().requires_grad_()
+    out = block(h_in, cos, sin)
+    routes.clear()
+    counts = []
+    if split:
+        with _CountOps() as ops:
+            h_grad, pending = backward_input(out, grad, h_in)
+        counts.append((ops.ops, len(routes)))
+        assert all(p.grad is None for p in block.parameters()), "B computed a weight gradient"
+        with _CountOps() as ops:
+            backward_weight(pending)
+        counts.append((ops.ops, len(routes) - counts[0][1]))
+    else:
+        with _CountOps() as ops:
+            out.backward(grad)
+        h_grad = h_in.grad
+        counts.append((ops.ops, len(routes)))
+    handle.remove()
+    return h_grad, {n: p.grad.clone() for n, p in block.named_parameters()}, counts
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_b_then_w_equals_one_backward_and_w_redoes_nothing(mode):
+    block, cos, sin = moe_block(mode)
+    h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    ref_h, ref_w, [(whole_ops, whole_reruns)] = _run(block, cos, sin, h, grad, split=False)
+    got_h, got_w, [(b_ops, b_reruns), (w_ops, w_reruns)] = _run(block, cos, sin, h, grad, split=True)
+
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-6, atol=1e-7)
+    assert got_w.keys() == ref_w.keys()
+    for name, ref in ref_w.items():
+        torch.testing.assert_close(got_w[name], ref, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    # Every matmul of the whole backward runs exactly once across B and W: B the input-gradient
+    # ones (and the checkpointed block's rerun), W the weight-gradient ones and nothing else.
+    for op in MATMULS:
+        assert b_ops[op] + w_ops[op] == whole_ops[op], (op, b_ops[op], w_ops[op], whole_ops[op])
+    assert sum(w_ops[op] for op in MATMULS) >= 11  # attention 4, router 1, experts 3, shared expert 3
+    attention = "_scaled_dot_product_flash_attention_for_cpu_backward"  # on the chain only: in B, never in W
+    assert (b_ops[attention], w_ops[attention]) == (whole_ops[attention], 0) and whole_ops[attention] > 0
+    # The checkpointed block reruns once, in B; W reuses what that rerun saved.
+    assert (whole_reruns, b_reruns, w_reruns) == ((1, 1, 0) if mode != "none" else (0, 0, 0))
+
+
+def test_first_stage_b_computes_nothing_and_w_everything():
+    block, cos, sin = moe_block("none")
+    h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = block(h * 1.0, cos, sin)  # the stage's input does not require grad here: its "input" is h's producer
+    grad, pending = backward_input(out, torch.ones_like(out), None)
+    assert grad is None and all(p.grad is None for p in block.parameters())
+    backward_weight(pending)
+    assert all(p.grad is not None for p in block.parameters()) and h.grad is not None

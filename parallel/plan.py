@@ -4,6 +4,7 @@ in pure Python from the model config, counting and sharding tensors as framework
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -383,9 +384,9 @@ def plan(
     schedule, stages, embed_pair = None, [], ()
     if layout.pp > 1:
         schedule, stages, embed_pair = pipeline_ranks(m, layout, pp_schedule, micro_batches)
-        pieces = piece_activation_bytes(m, micro_batch_size, precision, activation_checkpointing, layout.ep)
+        piece_bytes = piece_activation_bytes(m, micro_batch_size, precision, activation_checkpointing, layout.ep)
 
-    ranks_of_stage: list[RankMemory] = []
+    memory_of: list[Callable[[int], RankMemory]] = []  # pipeline rank -> data-parallel rank -> memory
     comms: list[list[CommVolume]] = []
     for pp_rank in range(layout.pp):
         if schedule is None:
@@ -396,14 +397,14 @@ def plan(
             held = stages[pp_rank]
             params = [s for s in all_params if piece_of(s.name) in held.pieces]
             buffers = {n: s for n, s in all_buffers.items() if piece_of(n) in held.pieces | {None}}
-            stage_bytes = {s: sum(pieces[n] for n in names) for s, names in held.stages}
+            stage_bytes = {s: sum(piece_bytes[n] for n in names) for s, names in held.stages}
             activations = peak_in_flight_bytes(schedule, pp_rank, stage_bytes)
             ran = [n for _, names in held.stages for n in names]
             activations += recompute_bytes(m, ran, micro_batch_size, precision, activation_checkpointing, layout.ep)
             if "head" in ran:  # the loss takes one micro-batch's logits at a time
                 activations += logits_bytes(m, micro_batch_size)
             passes = micro_batches // schedule.directions  # DualPipe: each stage runs half the micro-batches
-        ranks_of_stage.append(_rank_memory(params, buffers, layout, precision, accumulate, activations))
+        memory_of.append(_rank_memory(params, buffers, layout, precision, accumulate, activations))
         comm = communication(m, layout, params, precision, micro_batch_size, passes, activation_checkpointing)
         if schedule is not None:
             comm += pipeline_communication(m, layout, schedule, pp_rank, params, micro_batch_size, embed_pair)
@@ -420,7 +421,7 @@ def plan(
         total_params=total,
         expert_params=expert_total,
         active_params=total - expert_total + expert_total * m.top_k // m.num_experts,
-        ranks=[ranks_of_stage[rank // layout.dp](rank % layout.dp) for rank in range(layout.world_size)],
+        ranks=[memory_of[rank // layout.dp](rank % layout.dp) for rank in range(layout.world_size)],
         comm=[max(kind, key=lambda c: c.bytes_per_step) for kind in zip(*comms, strict=True)],
         pipeline=tuple(stages),
     )
@@ -433,7 +434,7 @@ def _rank_memory(
     precision: str,
     accumulate: bool,
     activations: int,
-):
+) -> Callable[[int], RankMemory]:
     """-> data-parallel rank -> the RankMemory of a rank that holds `params` (the whole model, or
     one pipeline rank's pieces), sharded over dp and ep as framework/build.py shards them."""
     in_flight = fsdp_in_flight_bytes(params, layout, precision, accumulate)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from launcher.compose import compose_config
 from launcher.errors import ConfigError
 from launcher.validation import validate
-from parallel.plan import Plan, RankMemory, plan
+from parallel.plan import PipelineRank, Plan, RankMemory, plan
 
 EXIT_DOES_NOT_FIT = 1
 MEMORY_COLUMNS = (
@@ -53,6 +53,41 @@ def _table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]
     return [line(header), *(line(r) for r in rows)]
 
 
+def piece_list(names: tuple[str, ...]) -> str:
+    """('embed', 'layers.0', 'layers.1', 'layers.2', 'head') -> 'embed, layers.0-2, head'."""
+    out: list[str] = []
+    layers: list[int] = []
+    for name in [*names, ""]:
+        if name.startswith("layers."):
+            layers.append(int(name.removeprefix("layers.")))
+            continue
+        if layers:
+            out.append(f"layers.{rank_ranges(layers).replace(',', ',layers.')}")
+            layers = []
+        if name:
+            out.append(name)
+    return ", ".join(out)
+
+
+def _pipeline_lines(p: Plan, schedule: str) -> list[str]:
+    """One line per pipeline rank: its global ranks, stages with their pieces, micro-batches in flight."""
+    dp = p.layout.dp
+    out = [
+        f"pipeline {schedule}: per pipeline rank, its stages' pieces and the micro-batches whose activations they hold"
+    ]
+    for pp_rank, held in enumerate(p.pipeline):
+        in_flight = dict(held.in_flight)
+        stages = "; ".join(f"stage {s}: {piece_list(names)} ({in_flight[s]} in flight)" for s, names in held.stages)
+        ranks = rank_ranges(list(range(pp_rank * dp, (pp_rank + 1) * dp)))
+        out.append(f"  pp rank {pp_rank} (rank{'s' if dp > 1 else ''} {ranks}): {stages}{_embedding_copy(held)}")
+    return out
+
+
+def _embedding_copy(held: PipelineRank) -> str:
+    ran = {name for _, names in held.stages for name in names}
+    return "; + the embedding for the MTP modules" if "embed" in held.pieces and "embed" not in ran else ""
+
+
 def format_plan(cfg: DictConfig, p: Plan) -> tuple[str, bool]:
     """The report a user reads, and whether every rank fits in launcher.gpu_memory_gb."""
     lay, m, launch = p.layout, cfg.model, cfg.launcher
@@ -73,10 +108,13 @@ def format_plan(cfg: DictConfig, p: Plan) -> tuple[str, bool]:
         f"batch: micro-batch {p.micro_batch_size} x seq_len {m.seq_len}, {p.micro_batches} micro-batch"
         f"{'es' if p.micro_batches > 1 else ''} per step per rank, activation checkpointing "
         f"{p.activation_checkpointing}",
-        "",
-        f"memory per rank in {unit} (10^{round(math.log10(scale))} bytes), at the peak: the start of the last "
-        "micro-batch's backward",
     ]
+    if p.pipeline:
+        out += _pipeline_lines(p, cfg.parallel.pp_schedule)
+        peak = "the most micro-batches in flight"
+    else:
+        peak = "the start of the last micro-batch's backward"
+    out += ["", f"memory per rank in {unit} (10^{round(math.log10(scale))} bytes), at the peak: {peak}"]
     header = ["ranks", *(name for name, _ in MEMORY_COLUMNS), "total", f"of {launch.gpu_memory_gb:g} GB"]
     rows = []
     for mem, ranks in sorted(groups.items(), key=lambda kv: kv[1][0]):
@@ -84,7 +122,8 @@ def format_plan(cfg: DictConfig, p: Plan) -> tuple[str, bool]:
         share = mem.total / capacity
         rows.append([rank_ranges(ranks), *cells, f"{mem.total / scale:.2f}", f"{share:.0%}"])
     out += _table(header, rows)
-    out += ["", "communication per step, per rank: bytes it sends (ring algorithms; balanced routing)"]
+    who = "the busiest pipeline rank" if p.pipeline else "per rank"
+    out += ["", f"communication per step, {who}: bytes it sends (ring algorithms; balanced routing)"]
     most = max(c.bytes_per_step for c in p.comm)
     unit, scale = ("GB", 1e9) if most >= 1e9 else ("MB", 1e6)
     comm_rows = [[c.what, f"{c.group} {c.group_size}", f"{c.bytes_per_step / scale:.2f}"] for c in p.comm]
@@ -109,7 +148,13 @@ def run_plan(config: str, overrides: list[str]) -> int:
     t = cfg.train
     try:
         result = plan(
-            cfg.model, layout, t.precision, t.micro_batch_size, t.global_batch_size, t.activation_checkpointing
+            cfg.model,
+            layout,
+            t.precision,
+            t.micro_batch_size,
+            t.global_batch_size,
+            t.activation_checkpointing,
+            cfg.parallel.pp_schedule,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

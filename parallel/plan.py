@@ -4,13 +4,18 @@ in pure Python from the model config, counting and sharding tensors as framework
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
 from parallel.layout import Layout
+from parallel.pipeline.actions import Kind, PipelineSchedule
+from parallel.pipeline.schedules import build_schedule
+from parallel.pipeline.stage_cut import StagePlan, model_pieces, mtp_needs_embedding, plan_stages
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
-FP32 = 4  # master weights, gradients, AdamW state, reductions, and what stays fp32 in compute
+FP32 = 4  # master weights, gradients, AdamW state, reductions, what stays fp32 in compute, and the
+# pipeline's messages (parallel/pipeline/runtime.py WIRE_DTYPE)
 INT64 = 8  # token ids and routing indices that autograd keeps
 
 
@@ -108,7 +113,7 @@ class RankMemory:
     buffers: int  # rope tables, router biases, expert token counts (fp32, whole on every rank)
     fsdp_in_flight: int  # unsharded copies: the root's params and grads, two gathered units, one unit's grads
     accumulated_grads: int  # unsharded fp32 grads FSDP2 keeps between micro-batches (grad accumulation)
-    activations: int  # what autograd saves for one micro-batch, plus the loss's logits
+    activations: int  # what autograd saves for the micro-batches in flight (one without a pipeline), plus logits
 
     @property
     def total(self) -> int:
@@ -144,7 +149,18 @@ class Plan:
     expert_params: int
     active_params: int  # per token: everything but the routed experts a token does not use
     ranks: list[RankMemory]  # index = global rank
-    comm: list[CommVolume]
+    comm: list[CommVolume]  # with a pipeline: the busiest pipeline rank's bytes, per collective
+    pipeline: tuple[PipelineRank, ...] = ()  # index = pipeline rank; empty when pp == 1
+
+
+@dataclass(frozen=True)
+class PipelineRank:
+    """What one pipeline rank holds: its stages' pieces and the micro-batches whose activations
+    they keep at once under the schedule."""
+
+    stages: tuple[tuple[int, tuple[str, ...]], ...]  # (stage, its piece names), as the rank holds them
+    pieces: frozenset[str]  # what the pruned model keeps (the MTP modules' embedding copy included)
+    in_flight: tuple[tuple[int, int], ...]  # (stage, the most micro-batches it holds activations of at once)
 
 
 def _compute_bytes(precision: str) -> int:
@@ -194,18 +210,28 @@ def logits_bytes(m, micro_batch_size: int) -> int:
     return micro_batch_size * tokens * FP32 * m.vocab_size
 
 
-def activation_bytes(m, micro_batch_size: int, precision: str, checkpointing: str, ep: int) -> int:
-    """Bytes of activations for one micro-batch on one rank at the end of its forward (the
-    peak: backward frees them block by block): what autograd saves, plus the logits."""
+def _check_checkpointing(checkpointing: str) -> None:
     if checkpointing not in ACTIVATION_CHECKPOINTING:
         raise ValueError(
             f"train.activation_checkpointing={checkpointing}: allowed: {', '.join(ACTIVATION_CHECKPOINTING)}"
         )
+
+
+def _block_tokens(m) -> dict[str, tuple[bool, int]]:
+    """Every block, as its piece name: (is it MoE, tokens per sequence it runs)."""
+    moe_layers = m.n_layers - m.first_k_dense
+    blocks = {f"layers.{i}": (i >= m.first_k_dense, m.seq_len) for i in range(m.n_layers)}
+    blocks.update({f"mtp.{k - 1}": (moe_layers > 0, m.seq_len - k) for k in range(1, m.mtp_depth + 1)})
+    return blocks
+
+
+def piece_activation_bytes(m, micro_batch_size: int, precision: str, checkpointing: str, ep: int) -> dict[str, int]:
+    """Per piece of parallel/pipeline/stage_cut.py (embed, layers.i, head, mtp.k): what autograd
+    saves for one micro-batch until its backward. The head holds the loss's part (token ids,
+    final norm, head input, log-softmax, targets); logits and recomputation are counted apart."""
+    _check_checkpointing(checkpointing)
     p = _compute_bytes(precision)
     S, D, V = m.seq_len, m.dim, m.vocab_size
-    moe_layers = m.n_layers - m.first_k_dense
-    blocks = [(False, S)] * m.first_k_dense + [(True, S)] * moe_layers
-    mtp_blocks = [(moe_layers > 0, S - k) for k in range(1, m.mtp_depth + 1)]
     per_block = {moe: block_activation_bytes(m, moe, precision, ep) for moe in (False, True)}
 
     def saved(moe: bool) -> int:
@@ -217,12 +243,35 @@ def activation_bytes(m, micro_batch_size: int, precision: str, checkpointing: st
     # Never checkpointed: token ids, final norm, fp32 head input, log-softmax output, targets.
     loss_part = INT64 + 2 * FP32 * D + FP32 * D + FP32 * V + INT64
     mtp_part = 2 * 2 * FP32 * D + 2 * p * D  # the MTP module's two input norms and their concat
-    total = sum(tokens * saved(moe) for moe, tokens in blocks) + S * loss_part
-    total += sum(tokens * (saved(moe) + mtp_part + loss_part) for moe, tokens in mtp_blocks)
-    if checkpointing != "none":
-        # Backward recomputes one block at a time: its whole set lives while it runs.
-        total += S * max(per_block[moe][0] for moe, _ in blocks + mtp_blocks)
-    return micro_batch_size * total + logits_bytes(m, micro_batch_size)
+    pieces = {"embed": 0}
+    for name, (moe, tokens) in _block_tokens(m).items():
+        extra = mtp_part + loss_part if name.startswith("mtp.") else 0
+        pieces[name] = micro_batch_size * tokens * (saved(moe) + extra)
+        if name == f"layers.{m.n_layers - 1}":
+            pieces["head"] = micro_batch_size * S * loss_part
+    return pieces
+
+
+def recompute_bytes(m, pieces, micro_batch_size: int, precision: str, checkpointing: str, ep: int) -> int:
+    """With checkpointing, backward recomputes one block at a time: the largest whole set of the
+    blocks among `pieces` lives while it runs (0 without checkpointing or blocks)."""
+    if checkpointing == "none":
+        return 0
+    blocks = _block_tokens(m)
+    held = [blocks[name][0] for name in pieces if name in blocks]
+    return (
+        micro_batch_size
+        * m.seq_len
+        * max((block_activation_bytes(m, moe, precision, ep)[0] for moe in held), default=0)
+    )
+
+
+def activation_bytes(m, micro_batch_size: int, precision: str, checkpointing: str, ep: int) -> int:
+    """Bytes of activations for one micro-batch on one rank at the end of its forward (the
+    peak: backward frees them block by block): what autograd saves, plus the logits."""
+    pieces = piece_activation_bytes(m, micro_batch_size, precision, checkpointing, ep)
+    recompute = recompute_bytes(m, pieces, micro_batch_size, precision, checkpointing, ep)
+    return sum(pieces.values()) + recompute + logits_bytes(m, micro_batch_size)
 
 
 def _block_group(unit: str) -> str:
@@ -249,6 +298,74 @@ def fsdp_in_flight_bytes(params: list[ParamSpec], layout: Layout, precision: str
     return FP32 * root * (1 if accumulate else 2) + sum(gathered[:2]) + grads
 
 
+def piece_of(name: str) -> str | None:
+    """The stage_cut piece a parameter or buffer belongs to (the final norm goes with the head);
+    None for the RoPE tables, which every stage keeps."""
+    if name.startswith(("layers.", "mtp.")):
+        return ".".join(name.split(".")[:2])
+    if name.startswith(("norm.", "head.")):
+        return "head"
+    return "embed" if name.startswith("embed.") else None
+
+
+def kept_pieces(stage_pieces: list[tuple[str, ...]], mtp_depth: int) -> frozenset[str]:
+    """What parallel/pipeline/stage.py keep_pieces leaves of the model for a rank with these
+    stages: their pieces, and the embedding where the MTP modules are (they embed the next tokens)."""
+    pieces = frozenset(name for stage in stage_pieces for name in stage)
+    return pieces | {"embed"} if "head" in pieces and mtp_depth > 0 else pieces
+
+
+def in_flight_microbatches(schedule: PipelineSchedule) -> dict[int, dict[int, int]]:
+    """rank -> stage -> the most micro-batches whose activations the stage holds at once: the
+    maximum over the rank's action list of forwards done minus backwards (B or BW) done. W keeps
+    only what the weight gradients need; F&B counts its forward first."""
+    counts: dict[int, dict[int, int]] = {}
+    for rank in range(schedule.pp):
+        live: dict[int, int] = {}
+        most: dict[int, int] = {}
+        for action in schedule.compute_actions(rank):
+            for part in action.parts():
+                if part.kind is Kind.F:
+                    live[part.stage] = live.get(part.stage, 0) + 1
+                    most[part.stage] = max(most.get(part.stage, 0), live[part.stage])
+                elif part.kind in (Kind.B, Kind.BW):
+                    live[part.stage] -= 1
+        counts[rank] = most
+    return counts
+
+
+def peak_in_flight_bytes(schedule: PipelineSchedule, rank: int, stage_bytes: dict[int, int]) -> int:
+    """The most bytes of saved activations `rank` holds at once, its stages weighted by
+    `stage_bytes` (one micro-batch each): the walk of in_flight_microbatches, in bytes."""
+    live = peak = 0
+    for action in schedule.compute_actions(rank):
+        for part in action.parts():
+            if part.kind is Kind.F:
+                live += stage_bytes[part.stage]
+                peak = max(peak, live)
+            elif part.kind in (Kind.B, Kind.BW):
+                live -= stage_bytes[part.stage]
+    return peak
+
+
+def pipeline_ranks(
+    m, layout: Layout, schedule_name: str, micro_batches: int
+) -> tuple[PipelineSchedule, list[PipelineRank], tuple[int, ...]]:
+    """The schedule, per pipeline rank its stages cut as framework/train.py cuts them, and the
+    two ranks that sum the embedding's gradient where the MTP modules hold a copy (else ())."""
+    cut: StagePlan = plan_stages(model_pieces(m), schedule_name, layout.pp)
+    embed_pair = (cut.rank_of_piece("embed"), cut.rank_of_piece("head")) if mtp_needs_embedding(cut) else ()
+    schedule = build_schedule(schedule_name, layout.pp, micro_batches)
+    in_flight = in_flight_microbatches(schedule)
+    ranks = []
+    for rank in range(layout.pp):
+        held = sorted({s for _, s in schedule.stages_of(rank)})
+        stages = tuple((s, cut.stages[s]) for s in held)
+        pieces = kept_pieces([names for _, names in stages], m.mtp_depth)
+        ranks.append(PipelineRank(stages, pieces, tuple(sorted(in_flight[rank].items()))))
+    return schedule, ranks, embed_pair
+
+
 def plan(
     m,
     layout: Layout,
@@ -256,21 +373,77 @@ def plan(
     micro_batch_size: int,
     global_batch_size: int,
     activation_checkpointing: str = "none",
+    pp_schedule: str = "1f1b",
 ) -> Plan:
-    """The per-rank memory and per-step communication of training `m` on `layout`."""
-    if layout.pp != 1:
-        raise ValueError(f"parallel.pp={layout.pp}: the plan covers pp=1 layouts only")
-    params = model_params(m)
+    """The per-rank memory and per-step communication of training `m` on `layout`; with a
+    pipeline each pipeline rank counts the pieces its stages hold under `pp_schedule`."""
+    all_params = model_params(m)
+    all_buffers = model_buffers(m)
     micro_batches = global_batch_size // layout.dp // micro_batch_size
     accumulate = micro_batches > 1
-    buffers = FP32 * sum(math.prod(s) for s in model_buffers(m).values())
-    activations = activation_bytes(m, micro_batch_size, precision, activation_checkpointing, layout.ep)
+    schedule, stages, embed_pair = None, [], ()
+    if layout.pp > 1:
+        schedule, stages, embed_pair = pipeline_ranks(m, layout, pp_schedule, micro_batches)
+        piece_bytes = piece_activation_bytes(m, micro_batch_size, precision, activation_checkpointing, layout.ep)
+
+    memory_of: list[Callable[[int], RankMemory]] = []  # pipeline rank -> data-parallel rank -> memory
+    comms: list[list[CommVolume]] = []
+    for pp_rank in range(layout.pp):
+        if schedule is None:
+            params, buffers = all_params, all_buffers
+            activations = activation_bytes(m, micro_batch_size, precision, activation_checkpointing, layout.ep)
+            passes = micro_batches
+        else:
+            held = stages[pp_rank]
+            params = [s for s in all_params if piece_of(s.name) in held.pieces]
+            buffers = {n: s for n, s in all_buffers.items() if piece_of(n) in held.pieces | {None}}
+            stage_bytes = {s: sum(piece_bytes[n] for n in names) for s, names in held.stages}
+            activations = peak_in_flight_bytes(schedule, pp_rank, stage_bytes)
+            ran = [n for _, names in held.stages for n in names]
+            activations += recompute_bytes(m, ran, micro_batch_size, precision, activation_checkpointing, layout.ep)
+            if "head" in ran:  # the loss takes one micro-batch's logits at a time
+                activations += logits_bytes(m, micro_batch_size)
+            passes = micro_batches // schedule.directions  # DualPipe: each stage runs half the micro-batches
+        memory_of.append(_rank_memory(params, buffers, layout, precision, accumulate, activations))
+        comm = communication(m, layout, params, precision, micro_batch_size, passes, activation_checkpointing)
+        if schedule is not None:
+            comm += pipeline_communication(m, layout, schedule, pp_rank, params, micro_batch_size, embed_pair)
+        comms.append(comm)
+
+    expert_total = sum(s.numel for s in all_params if s.expert)
+    total = sum(s.numel for s in all_params)
+    return Plan(
+        layout=layout,
+        precision=precision,
+        activation_checkpointing=activation_checkpointing,
+        micro_batch_size=micro_batch_size,
+        micro_batches=micro_batches,
+        total_params=total,
+        expert_params=expert_total,
+        active_params=total - expert_total + expert_total * m.top_k // m.num_experts,
+        ranks=[memory_of[rank // layout.dp](rank % layout.dp) for rank in range(layout.world_size)],
+        comm=[max(kind, key=lambda c: c.bytes_per_step) for kind in zip(*comms, strict=True)],
+        pipeline=tuple(stages),
+    )
+
+
+def _rank_memory(
+    params: list[ParamSpec],
+    buffers: dict[str, tuple[int, ...]],
+    layout: Layout,
+    precision: str,
+    accumulate: bool,
+    activations: int,
+) -> Callable[[int], RankMemory]:
+    """-> data-parallel rank -> the RankMemory of a rank that holds `params` (the whole model, or
+    one pipeline rank's pieces), sharded over dp and ep as framework/build.py shards them."""
     in_flight = fsdp_in_flight_bytes(params, layout, precision, accumulate)
     # With gradient accumulation FSDP2 skips the reduce-scatter on all but the last
     # micro-batch and keeps every unit's unsharded gradient in fp32 in between.
     rank_elems = sum(s.numel // layout.ep if s.expert else s.numel for s in params)
     accumulated = FP32 * rank_elems if accumulate else 0
     steps = FP32 * len(params)  # AdamW's step counter: one fp32 scalar per parameter tensor
+    buffer_bytes = FP32 * sum(math.prod(s) for s in buffers.values())
 
     @cache
     def shard_bytes(shard_rank: int, edp_rank: int) -> int:
@@ -284,26 +457,11 @@ def plan(
             elems += rows * inner
         return FP32 * elems
 
-    ranks = []
-    for rank in range(layout.world_size):
-        d = rank % layout.dp  # pp == 1: the data-parallel rank is the rank
+    def memory(d: int) -> RankMemory:  # d: the data-parallel rank
         held = shard_bytes(d % layout.dp_shard, (d // layout.ep) % layout.edp_shard)
-        ranks.append(RankMemory(held, held, 2 * held + steps, buffers, in_flight, accumulated, activations))
+        return RankMemory(held, held, 2 * held + steps, buffer_bytes, in_flight, accumulated, activations)
 
-    expert_total = sum(s.numel for s in params if s.expert)
-    total = sum(s.numel for s in params)
-    return Plan(
-        layout=layout,
-        precision=precision,
-        activation_checkpointing=activation_checkpointing,
-        micro_batch_size=micro_batch_size,
-        micro_batches=micro_batches,
-        total_params=total,
-        expert_params=expert_total,
-        active_params=total - expert_total + expert_total * m.top_k // m.num_experts,
-        ranks=ranks,
-        comm=communication(m, layout, params, precision, micro_batch_size, micro_batches, activation_checkpointing),
-    )
+    return memory
 
 
 def _ring(n: int) -> float:
@@ -320,7 +478,8 @@ def communication(
     micro_batches: int,
     checkpointing: str,
 ) -> list[CommVolume]:
-    """Bytes each rank sends per optimizer step, per kind of collective."""
+    """Bytes each rank sends per optimizer step, per kind of collective, for a rank holding
+    `params` that runs each of its blocks on `micro_batches` micro-batches per step."""
     p = _compute_bytes(precision)
     dense = [s for s in params if not s.expert]
     root = sum(s.numel for s in dense if s.unit == "root")
@@ -335,8 +494,8 @@ def communication(
     # EP: every MoE block sends each routed (token, slot) row out (dispatch) and back
     # (combine), and their gradients the other way; with balanced routing (ep-1)/ep of the
     # rows leave the rank. Full checkpointing runs the forward pair again in backward.
-    moe_layers = m.n_layers - m.first_k_dense
-    tokens = moe_layers * m.seq_len + (sum(m.seq_len - k for k in range(1, m.mtp_depth + 1)) if moe_layers else 0)
+    blocks = _block_tokens(m)
+    tokens = sum(blocks[piece_of(s.name)][1] for s in params if s.expert and s.name.endswith(".w1"))
     passes = 6 if checkpointing == "full" else 4
     a2a = micro_batch_size * tokens * m.top_k * m.dim * p * passes * _ring(layout.ep)
     sizes = {"ep": layout.ep, "dp_shard": layout.dp_shard, "edp_shard": layout.edp_shard}
@@ -360,3 +519,34 @@ def communication(
         ),
     ]
     return [CommVolume(what, group, sizes[group], round(volume)) for what, group, volume in volumes]
+
+
+def pipeline_communication(
+    m,
+    layout: Layout,
+    schedule: PipelineSchedule,
+    pp_rank: int,
+    params: list[ParamSpec],
+    micro_batch_size: int,
+    embed_pair: tuple[int, ...],
+) -> list[CommVolume]:
+    """Bytes pipeline rank `pp_rank` sends per step: each SEND_F (a stage's output) and SEND_B
+    (its input's gradient) of its action list is one [micro-batch, seq_len, dim] fp32 tensor
+    (runtime.py WIRE_DTYPE); then the gradient all-reduces over two pipeline ranks that hold the
+    same weights: the MTP modules' embedding copy (`embed_pair`: the embedding's rank and the
+    head's, where they differ), and DualPipe's mirror pair (all its weights)."""
+    sends = sum(1 for a in schedule.actions[pp_rank] if a.kind in (Kind.SEND_F, Kind.SEND_B))
+    p2p = sends * micro_batch_size * m.seq_len * m.dim * FP32
+    copy = FP32 * m.vocab_size * m.dim / layout.dp_shard if pp_rank in embed_pair else 0
+    mirrored = 0
+    if schedule.directions == 2:
+        dense = sum(s.numel for s in params if not s.expert) / layout.dp_shard
+        experts = sum(s.numel for s in params if s.expert) / layout.ep / layout.edp_shard
+        mirrored = FP32 * (dense + experts)
+    # A ring all-reduce over 2 ranks sends the payload once: 2(n-1)/n = 1.
+    volumes = [CommVolume("pipeline send: activations + grads, fwd + bwd", "pp", layout.pp, p2p)]
+    if embed_pair:
+        volumes.append(CommVolume("pipeline all-reduce: MTP embedding copy grads", "pp", 2, round(copy)))
+    if schedule.directions == 2:
+        volumes.append(CommVolume("DualPipe all-reduce: mirror copy grads", "pp", 2, round(mirrored)))
+    return volumes

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from launcher.cli import main
-from launcher.plan import rank_ranges
+from launcher.plan import piece_list, rank_ranges
 
 CLI = [sys.executable, "-m", "launcher.cli"]
 DEEPSEEK_ON_32_NODES = ["plan", "config=deepseek_v3", "launcher.nnodes=32", "parallel.ep=64"]
@@ -79,3 +79,31 @@ def test_plan_help():
 def test_rank_ranges():
     assert rank_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert rank_ranges([3]) == "3"
+    assert (
+        piece_list(("embed", "layers.0", "layers.1", "layers.3", "head", "mtp.0"))
+        == "embed, layers.0-1,layers.3, head, mtp.0"
+    )
+
+
+def test_pipeline_plan_prints_each_pipeline_ranks_stages_and_its_sends(capsys):
+    args = ["plan", "config=tiny", "launcher.nproc_per_node=4", "parallel.pp=2", "parallel.ep=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "world 4 = 1 node x 4 (pp 2 x dp_replicate 1 x dp_shard 2, ep 2;" in lines[0]
+    # 1F1B: the first stage holds both of its micro-batches' activations, the last one at a time
+    assert "  pp rank 0 (ranks 0-1): stage 0: embed, layers.0-2 (2 in flight)" in lines
+    assert (
+        "  pp rank 1 (ranks 2-3): stage 1: layers.3, head, mtp.0 (1 in flight); + the embedding for the MTP modules"
+        in lines
+    )
+    assert any(line.startswith("0-1 ") for line in lines) and any(line.startswith("2-3 ") for line in lines)
+    # 2 micro-batches of [4, 128, 128] fp32 each way: 0.52 MB
+    assert "pipeline send: activations + grads, fwd + bwd  pp 2                    0.52" in out
+    assert "pipeline all-reduce: MTP embedding copy grads" in out
+    assert main([*args, "parallel.pp_schedule=dualpipe"]) == 0
+    out = capsys.readouterr().out
+    assert "DualPipe all-reduce: mirror copy grads" in out
+    assert "  pp rank 1 (ranks 2-3): stage 0: embed, layers.0-2 (1 in flight); stage 1: layers.3, head, mtp.0" in out
+    assert main([*args, "parallel.pp_schedule=dualpipev"]) == 2  # 2 micro-batches: dualpipev needs 3
+    assert "dualpipev needs >= 2*pp-1 = 3" in capsys.readouterr().err

@@ -13,7 +13,18 @@ from framework.config import Config
 from framework.model.args import ModelArgs
 from framework.model.transformer import MoETransformer
 from parallel.layout import resolve_layout
-from parallel.plan import activation_bytes, chunk_rows, logits_bytes, model_buffers, model_params, plan
+from parallel.pipeline import build_schedule
+from parallel.plan import (
+    FP32,
+    activation_bytes,
+    chunk_rows,
+    in_flight_microbatches,
+    logits_bytes,
+    model_buffers,
+    model_params,
+    piece_activation_bytes,
+    plan,
+)
 from scripts.benchlib import run_ranks
 from tests.parallel.harness import make_config
 
@@ -193,3 +204,70 @@ def test_memory_estimate_within_10_percent_of_measured(name, tmp_path):
         assert mine.optimizer == pytest.approx(measured["optimizer_bytes"], rel=0.10), rank
     if estimate.layout.ep == 1:  # with EP, the rows a rank's experts receive depend on the routing
         assert saved_estimate(cfg, estimate) == pytest.approx(result["activations"], rel=0.10)
+
+
+# -- pipeline layouts ----------------------------------------------------------------------
+
+
+def test_in_flight_microbatches_follow_the_schedule():
+    n = 8
+    assert in_flight_microbatches(build_schedule("gpipe", 4, n)) == {r: {r: n} for r in range(4)}
+    # 1F1B: rank r starts pp - r forwards before its first backward, then alternates
+    assert in_flight_microbatches(build_schedule("1f1b", 4, n)) == {r: {r: 4 - r} for r in range(4)}
+    assert in_flight_microbatches(build_schedule("1f1b", 4, 2)) == {r: {r: min(2, 4 - r)} for r in range(4)}
+    # DualPipeV: the V's first leg holds what the second leg has not yet given back
+    assert in_flight_microbatches(build_schedule("dualpipev", 2, 4)) == {0: {0: 4, 3: 1}, 1: {1: 3, 2: 2}}
+    # DualPipe: each copy carries half the micro-batches, mirror ranks hold the same
+    dual = in_flight_microbatches(build_schedule("dualpipe", 4, n))
+    assert dual[0] == dual[3] == {0: 4, 3: 1} and dual[1] == dual[2] == {1: 3, 2: 2}
+
+
+def test_pipeline_activations_are_the_in_flight_stages_and_the_stage_cut():
+    m = model_config("tiny", {})  # embed, 4 blocks, head + 1 MTP module; 8 micro-batches per step
+    layout = resolve_layout(2, 2, "auto", -1, 1)
+    one = piece_activation_bytes(m, 1, "bf16", "none", 1)
+    first, last = plan(m, layout, "bf16", 1, 8, pp_schedule="1f1b").ranks
+    assert first.activations == 2 * (one["embed"] + one["layers.0"] + one["layers.1"] + one["layers.2"])
+    assert last.activations == one["layers.3"] + one["head"] + one["mtp.0"] + logits_bytes(m, 1)
+    gpipe = plan(m, layout, "bf16", 1, 8, pp_schedule="gpipe").ranks
+    assert gpipe[0].activations == 4 * first.activations and gpipe[1].activations > last.activations
+    # the same pieces as pp=1 in all: the stages split the model's parameters between them
+    whole = plan(m, resolve_layout(1, 1, "auto", -1, 1), "bf16", 1, 4).ranks[0]
+    embed = FP32 * m.vocab_size * m.dim  # the last stage's copy for the MTP module
+    assert first.params + last.params == whole.params + embed
+    sends = {c.what: c.bytes_per_step for c in plan(m, layout, "bf16", 1, 8).comm}
+    # 8 activations out of rank 0, 8 gradients out of rank 1, each [1, 128, 128] fp32
+    assert sends["pipeline send: activations + grads, fwd + bwd"] == 8 * 128 * 128 * 4
+
+
+def _pipeline_memory(rank: int, world: int, cfg_yaml: str) -> dict:
+    """Build the trainer and train one step; -> its param/grad/optimizer bytes."""
+    from framework.distributed import DistContext
+    from framework.train import Trainer
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
+    trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+    trainer.train_step()
+    return trainer.peak_memory
+
+
+PIPELINE_LAYOUTS = {  # the harness model: embed, 3 blocks, head + 1 MTP module; 4 micro-batches per step
+    "1f1b pp=2, the MTP embedding copy": (2, ["parallel.pp_schedule=1f1b"]),
+    "dualpipev pp=2": (2, ["parallel.pp_schedule=dualpipev"]),
+    "dualpipe pp=2, two copies": (2, ["parallel.pp_schedule=dualpipe"]),
+    "dualpipe pp=2 x ep=2": (4, ["parallel.pp_schedule=dualpipe", "parallel.ep=2"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PIPELINE_LAYOUTS)
+def test_pipeline_memory_estimate_is_the_measured_bytes_per_rank(name, tmp_path):
+    world, overrides = PIPELINE_LAYOUTS[name]
+    cfg = make_config(tmp_path / "run", world, ["parallel.pp=2", f"train.global_batch_size={2 * world}", *overrides])
+    measured = run_ranks(_pipeline_memory, world, OmegaConf.to_yaml(cfg))
+    p, t = cfg.parallel, cfg.train
+    layout = resolve_layout(world, p.pp, p.dp_replicate, p.dp_shard, p.ep)
+    estimate = plan(cfg.model, layout, t.precision, t.micro_batch_size, t.global_batch_size, pp_schedule=p.pp_schedule)
+    for rank, mine in enumerate(estimate.ranks):
+        got = (measured[rank]["param_bytes"], measured[rank]["grad_bytes"], measured[rank]["optimizer_bytes"])
+        assert (mine.params, mine.grads, mine.optimizer) == got, rank

@@ -40,7 +40,7 @@ from parallel.pipeline.actions import Action, Kind  # noqa: E402
 from parallel.pipeline.replay import message  # noqa: E402
 from scripts.benchlib import print_table, run_ranks  # noqa: E402
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev")  # dualpipe: two copies, not run yet
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev", "dualpipe")
 RECV_KINDS = (Kind.RECV_F, Kind.RECV_B)
 
 
@@ -332,7 +332,8 @@ def main() -> None:
         f"seq {args.seq_len}; global batch {args.microbatches} sequences = {args.microbatches} micro-batches of 1; "
         f"{args.warmup} warm-up + {args.steps} timed steps per schedule"
     )
-    print("B runs the whole backward (W is empty) and F&B runs F then B: no overlap, no B/W split yet.")
+    print("B: the input gradient only, W: the weight gradients (backward_split.py); ep=1, so F&B runs F then B")
+    print("(the overlap hides expert all-to-alls: scripts/bench_overlap.py)")
     shape = (1, args.seq_len, args.dim)
     rows, inputs, costs, kinds = [], [], [], []
     for pp in args.pps:
@@ -397,8 +398,8 @@ def main() -> None:
     header += [f"time with > {cores} ranks computing %"]
     print_table(header, costs, left=1)
     print()
-    print("mean measured time per action (ms; B includes the weight gradients, W does nothing; last B: a stage's")
-    print("last B or BW on its rank, where FSDP reduces the stage's gradients; other B: the other B and BW):")
+    print("mean measured time per action (ms; B: input gradient, W: weight gradients; last B: a stage's")
+    print("last B or BW on its rank; other B: the other B and BW; FSDP reduces after the last action):")
     print_table(["schedule", "pp", "F", "B", "W", "F&B", "last B", "other B"], kinds, left=1)
 
 

@@ -94,7 +94,7 @@ def test_bench_pipeline_tables_per_schedule_and_pp():
     assert "load average (1/5/15 min)" in stdout  # the machine's load is part of the result
     steps, inputs, messages, kinds = _tables(stdout)
     assert steps[0][:3] == ["schedule", "pp", "step ms"]
-    schedules = ["gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev"]
+    schedules = ["gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev", "dualpipe"]
     expected = [(s, pp) for pp in ("2", "4") for s in schedules]
     for table in (steps, inputs, messages, kinds):
         assert [(row[0], row[1]) for row in table[1:]] == expected

@@ -257,6 +257,7 @@ class Trainer:
             self.ctx.device,
             pp_group=self.groups.pp if self.pipeline is not None else None,  # each stage holds its own grads
             uncounted=self.embedding_copy() + self.mirror_copy(),
+            dp_group=self.groups.dp,  # every gradient's mesh spans this stage's data-parallel ranks
         )
         # One small all-reduce carries both "someone saw a non-finite loss" and "someone got
         # SIGTERM", so every rank takes the same branch.

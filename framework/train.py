@@ -68,7 +68,7 @@ class Trainer:
         same_layers_group = self.groups.dp  # the ranks that hold this rank's MoE layers
         keep = None
         if p.pp > 1:  # keep this rank's pipeline stages only (same parameter names), before sharding
-            plan = plan_stages(model_pieces(cfg.model), p.pp_schedule, p.pp)
+            plan = plan_stages(model_pieces(cfg.model), p.pp_schedule, p.pp, p.pp_virtual_stages)
             if mtp_needs_embedding(plan):
                 self.embed_copy_group = self._rank_pairs([(plan.rank_of_piece("embed"), plan.rank_of_piece("head"))])
             pp_rank = self.mesh.get_local_rank("pp")
@@ -161,7 +161,8 @@ class Trainer:
         """This rank's schedule executor; its stages run the one pruned model, piece by piece."""
         t = self.cfg.train
         microbatches = t.global_batch_size // self.dp_size // t.micro_batch_size
-        schedule = build_schedule(self.cfg.parallel.pp_schedule, self.layout.pp, microbatches)
+        p = self.cfg.parallel
+        schedule = build_schedule(p.pp_schedule, self.layout.pp, microbatches, p.pp_virtual_stages)
 
         def run_stage(stage: int, tokens_BS: torch.Tensor, h_BSD: torch.Tensor | None):
             return self.model(tokens_BS, h_BSD, self.stage_pieces[stage])

@@ -128,3 +128,38 @@ def test_clipping_over_a_2d_expert_mesh_warns_nothing_and_equals_the_full_norm()
         for norm in rank["norms"]:
             torch.testing.assert_close(norm, rank["reference"], rtol=1e-6, atol=0)
         torch.testing.assert_close(rank["norms"][0], rank["d"], rtol=1e-6, atol=0)
+
+
+def _hsdp_clip(rank: int, world: int) -> dict:
+    """HSDP: dense grads Replicate over dp_replicate=2 and Shard over dp_shard=2, experts over
+    (edp_replicate, edp_shard, ep): with one all-reduce over all 4 ranks each shard counts once."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from parallel.layout import resolve_layout
+    from parallel.mesh import build_expert_mesh, build_mesh, dp_mesh
+
+    layout = resolve_layout(world, 1, 2, -1, 2)
+    dense_mesh = dp_mesh(build_mesh(layout, CPU))
+    expert_mesh = build_expert_mesh(layout, CPU)["edp_replicate", "edp_shard", "ep"]
+    full_dense, full_experts = _params((8, 3), (4,), seed=0), _params((4, 3, 5), seed=1)
+
+    def shard(full: nn.Parameter, mesh, placements, parts: int, index: int) -> nn.Parameter:
+        local = full.grad.chunk(parts, dim=0)[index].clone()
+        p = nn.Parameter(DTensor.from_local(torch.zeros_like(local), mesh, placements, run_check=False))
+        p.grad = DTensor.from_local(local, mesh, placements, run_check=False)
+        return p
+
+    shard_rank = dense_mesh.get_local_rank("dp_shard")
+    dense = [shard(p, dense_mesh, [Replicate(), Shard(0)], 2, shard_rank) for p in full_dense]
+    expert_index = expert_mesh.get_local_rank("ep")  # edp_shard is 1: the ep rank picks the rows
+    experts = [shard(p, expert_mesh, [Replicate(), Shard(0), Shard(0)], 2, expert_index) for p in full_experts]
+    norms = [clip_grad_norm(dense, experts, 0.0, CPU, dp_group=g) for g in (dist.group.WORLD, None)]
+    return {"norms": norms, "reference": _norm(full_dense + full_experts)}
+
+
+@pytest.mark.slow
+def test_hsdp_replicas_count_once_in_the_norm():
+    for rank in run_ranks(_hsdp_clip, 4):
+        for norm in rank["norms"]:
+            torch.testing.assert_close(norm, rank["reference"], rtol=1e-6, atol=0)

@@ -21,6 +21,7 @@ class ParallelConfig:
 
     pp: int = 1
     pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 2  # stages per pipeline rank for interleaved_1f1b (>= 2); other schedules ignore it
     # dualpipe/dualpipev with ep > 1: each F&B runs its forward and backward interleaved at the
     # expert all-to-alls, so one's all-to-all is in flight while the other computes; false: F then B
     pp_overlap: bool = True

@@ -31,6 +31,7 @@ from framework.model.moe.layer import MoE
 from framework.model.moe.load_balance import ExpertLoadBalancer
 from framework.optim import build_lr_scheduler, build_optimizer
 from framework.resume_changes import apply_resume_changes
+from parallel.all_to_all import TIMES, AllToAllTimes
 from parallel.grad_clip import clip_grad_norm
 from parallel.layout import resolve_layout
 from parallel.memory import memory_report, setup_memory
@@ -67,7 +68,7 @@ class Trainer:
         same_layers_group = self.groups.dp  # the ranks that hold this rank's MoE layers
         keep = None
         if p.pp > 1:  # keep this rank's pipeline stages only (same parameter names), before sharding
-            plan = plan_stages(model_pieces(cfg.model), p.pp_schedule, p.pp)
+            plan = plan_stages(model_pieces(cfg.model), p.pp_schedule, p.pp, p.pp_virtual_stages)
             if mtp_needs_embedding(plan):
                 self.embed_copy_group = self._rank_pairs([(plan.rank_of_piece("embed"), plan.rank_of_piece("head"))])
             pp_rank = self.mesh.get_local_rank("pp")
@@ -108,6 +109,7 @@ class Trainer:
         self.loader, self.val_batches = build_data(cfg, self.dp_rank, self.dp_size)
         self.step = 0
         self.last_step_skipped = False
+        self.last_a2a = AllToAllTimes()  # the last step's expert all-to-alls, this rank
         self.stop_requested = False  # set by this rank's signal handler, at any moment
         self.stop_agreed = False  # set only from the all-reduced flags: every rank sees the same
         self.peak_memory: dict | None = None
@@ -159,7 +161,8 @@ class Trainer:
         """This rank's schedule executor; its stages run the one pruned model, piece by piece."""
         t = self.cfg.train
         microbatches = t.global_batch_size // self.dp_size // t.micro_batch_size
-        schedule = build_schedule(self.cfg.parallel.pp_schedule, self.layout.pp, microbatches)
+        p = self.cfg.parallel
+        schedule = build_schedule(p.pp_schedule, self.layout.pp, microbatches, p.pp_virtual_stages)
 
         def run_stage(stage: int, tokens_BS: torch.Tensor, h_BSD: torch.Tensor | None):
             return self.model(tokens_BS, h_BSD, self.stage_pieces[stage])
@@ -245,7 +248,9 @@ class Trainer:
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches, clip, step. -> (loss, grad norm)."""
+        TIMES.reset()  # this step's expert all-to-alls (host clock, no sync), read by the loop's window
         loss = self.forward_backward_step(self.loader.next_step())
+        self.last_a2a = TIMES.snapshot()
         grad_norm = clip_grad_norm(
             self.dense_params,
             self.expert_params,
@@ -253,6 +258,7 @@ class Trainer:
             self.ctx.device,
             pp_group=self.groups.pp if self.pipeline is not None else None,  # each stage holds its own grads
             uncounted=self.embedding_copy() + self.mirror_copy(),
+            dp_group=self.groups.dp,  # every gradient's mesh spans this stage's data-parallel ranks
         )
         # One small all-reduce carries both "someone saw a non-finite loss" and "someone got
         # SIGTERM", so every rank takes the same branch.
@@ -337,10 +343,13 @@ class Trainer:
         val = first_val
         window_loss = torch.zeros((), device=ctx.device)
         window_steps, window_skipped, window_start = 0, 0, time.perf_counter()
+        window_a2a = [0.0, 0.0]  # expert all-to-all seconds this rank, exposed and total, over the window
         memory_logged = False
         while self.step < t.steps:
             loss, grad_norm = self.train_step()
             self.step += 1
+            window_a2a[0] += self.last_a2a.exposed_s
+            window_a2a[1] += self.last_a2a.in_flight_s
             if not memory_logged and self.peak_memory is not None:  # after the first step that stepped
                 self.log_memory()
                 memory_logged = True
@@ -368,9 +377,12 @@ class Trainer:
                 record.update(self.step_record(stats, grad_norm, tokens_per_s, flops_per_token, peak_flops))
                 if window_skipped:
                     record["skipped_steps"] = window_skipped
+                if self.layout.ep > 1:
+                    record.update(self.a2a_record(window_a2a, window_steps + window_skipped))
                 self.logger.progress(record)
                 window_loss.zero_()
                 window_steps, window_skipped, window_start = 0, 0, time.perf_counter()
+                window_a2a = [0.0, 0.0]
             if len(record) > 1:
                 self.logger.log(record)
             interval = cfg.checkpoint.interval
@@ -442,6 +454,24 @@ class Trainer:
         else:
             record["max_load_imbalance"] = 1.0
         return record
+
+    def a2a_record(self, window_a2a: list[float], steps: int) -> dict:
+        """Expert all-to-all milliseconds per step over the logging window (parallel/all_to_all.py
+        TIMES): exposed (blocked waiting) and total (post to end of wait), mean and max over all
+        ranks. One small all-reduce each for the sum and the max, at the logging cadence only."""
+        per_step_ms = torch.tensor(window_a2a, dtype=torch.float64) * (1000.0 / max(steps, 1))
+        total = per_step_ms.to(self.ctx.device)
+        peak = total.clone()
+        dist.all_reduce(total, group=self.groups.world)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.groups.world)
+        mean_exposed, mean_total = (total / self.ctx.world_size).tolist()  # host sync, logging cadence
+        max_exposed, max_total = peak.tolist()
+        return {
+            "a2a_exposed_ms": mean_exposed,
+            "a2a_total_ms": mean_total,
+            "a2a_exposed_ms_max": max_exposed,
+            "a2a_total_ms_max": max_total,
+        }
 
     def log_start(self) -> None:
         lay = self.layout

@@ -155,6 +155,7 @@ def run_plan(config: str, overrides: list[str]) -> int:
             t.global_batch_size,
             t.activation_checkpointing,
             cfg.parallel.pp_schedule,
+            cfg.parallel.pp_virtual_stages,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

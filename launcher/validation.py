@@ -111,6 +111,12 @@ def validate_layout(cfg: DictConfig) -> Layout:
     p, launch = cfg.parallel, cfg.launcher
     world = launch.nproc_per_node * launch.nnodes
     _one_of("parallel.pp_schedule", p.pp_schedule, PIPELINE_SCHEDULES)
+    _require(
+        isinstance(p.pp_virtual_stages, int) and not isinstance(p.pp_virtual_stages, bool) and p.pp_virtual_stages >= 2,
+        "parallel.pp_virtual_stages",
+        p.pp_virtual_stages,
+        "must be an integer >= 2 (stages per pipeline rank for interleaved_1f1b)",
+    )
     try:  # the same call every rank makes on the same values (framework/train.py)
         layout = resolve_layout(world, p.pp, p.dp_replicate, p.dp_shard, p.ep)
     except ValueError as err:
@@ -178,17 +184,18 @@ def validate_pipeline(cfg: DictConfig, layout: Layout) -> None:
     p, t = cfg.parallel, cfg.train
     microbatches = t.global_batch_size // layout.dp // t.micro_batch_size
     try:
-        check_schedule_args(p.pp_schedule, layout.pp, microbatches)
+        check_schedule_args(p.pp_schedule, layout.pp, microbatches, p.pp_virtual_stages)
     except ValueError as err:
         raise ConfigError(
             f"parallel.pp_schedule={p.pp_schedule} with {microbatches} micro-batches "
             f"(global_batch_size / dp / micro_batch_size): {err}"
         ) from None
     try:
-        plan_stages(model_pieces(cfg.model), p.pp_schedule, layout.pp)  # the cut must fit the model
+        plan_stages(model_pieces(cfg.model), p.pp_schedule, layout.pp, p.pp_virtual_stages)  # the cut must fit
     except ValueError as err:  # the stage count, not the micro-batches, is what does not fit
         raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule} with parallel.pp={layout.pp} and "
+            f"parallel.pp_schedule={p.pp_schedule} with parallel.pp={layout.pp}"
+            f"{f' x pp_virtual_stages={p.pp_virtual_stages}' if p.pp_schedule == 'interleaved_1f1b' else ''} and "
             f"model.n_layers={cfg.model.n_layers}: {err}"
         ) from None
 

@@ -8,9 +8,8 @@ tensors (2.11 uses `tree_flatten`, which skips unregistered dataclasses; 2.13 wa
 dataclasses too), `torch._grouped_mm` (a private op whose CPU/CUDA kernels depend on the
 build), FSDP2's divide-factor and forced-SUM reduction (present and identical in both), and
 the device-mesh, DTensor, functional-collective and DCP staging APIs this package uses
-(present and identical in both, so they need no check). FSDP2's per-unit state for a gradient
-reduction run by hand (torch 2.13 source; the older single `_fsdp_param_group` found in earlier
-FSDP2 sources is read too): see reduce_fsdp_gradients.
+(present and identical in both, so they need no check). FSDP2's private per-unit state (the
+pipeline's hand-run gradient reduction and its overlapped F&B): see the fsdp_* helpers below.
 """
 
 from __future__ import annotations
@@ -116,19 +115,81 @@ def detach_below_autograd(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach()
 
 
-def _fsdp_param_groups(state) -> list:
-    """A unit's FSDP2 parameter groups: a list `_fsdp_param_groups` in torch 2.13, one optional
-    `_fsdp_param_group` in earlier FSDP2 releases."""
+# FSDP2's private per-unit state. Every read or write of it in moe-launch goes through the helpers
+# below (the pipeline's B/W split and its overlapped F&B use them). Names checked in the torch 2.11
+# and 2.13 sources, unchanged between them except where noted; a unit is an FSDPModule (fully_shard):
+#   FSDPModule._get_fsdp_state()            -> the unit's FSDPState
+#   FSDPState._fsdp_param_groups (2.13)     a list of FSDPParamGroup
+#   FSDPState._fsdp_param_group  (2.11)     one optional FSDPParamGroup
+#   FSDPState._training_state, FSDPParamGroup._training_state   (TrainingState: IDLE, FORWARD, ...)
+#   FSDPState._state_ctx.all_states, FSDPState._is_root         (the root state runs the final callback)
+#   FSDPState._state_ctx.post_backward_final_callback_queued    (True: the root does not queue it again)
+#   FSDPState._root_post_backward_final_callback()              (post-backward and reset of every unit)
+# A later torch (to 2.15) that renames one of them fails loudly here, naming the attribute.
+
+
+def _missing(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"this torch ({torch.__version__}) has no FSDP2 {what} where moe-launch looks for it; "
+        "moe-launch supports torch 2.11 to 2.15 (parallel/compat.py)"
+    )
+
+
+def fsdp_state(module: nn.Module):
+    """The FSDP2 state of `module`, or None when it is not an FSDP2 unit (not fully_shard'ed)."""
+    get = getattr(module, "_get_fsdp_state", None)
+    return get() if get is not None else None
+
+
+def fsdp_param_groups(state) -> list:
+    """A unit's FSDP2 parameter groups: the list `_fsdp_param_groups` (torch 2.13), or the one
+    optional `_fsdp_param_group` (2.11) as a list of zero or one."""
     groups = getattr(state, "_fsdp_param_groups", None)
     if groups is not None:
         return list(groups)
     if not hasattr(state, "_fsdp_param_group"):
-        raise RuntimeError(
-            f"this torch ({torch.__version__}) has no FSDP2 parameter groups where moe-launch looks for them "
-            "(_fsdp_param_groups or _fsdp_param_group); moe-launch supports torch 2.11 to 2.15"
-        )
+        raise _missing("parameter groups (_fsdp_param_groups or _fsdp_param_group)")
     group = state._fsdp_param_group
     return [] if group is None else [group]
+
+
+def fsdp_root_state(states: Sequence):
+    """The root FSDP2 state of the tree `states` belong to (it runs the end-of-backward callback), found
+    in their shared context's `all_states` (filled at FSDP2's lazy init, on the first forward); None
+    when `states` is empty or no state is marked root yet."""
+    if not states:
+        return None
+    everyone = getattr(states[0]._state_ctx, "all_states", None) or states
+    return next((s for s in everyone if getattr(s, "_is_root", False)), None)
+
+
+def fsdp_training_states(states: Sequence) -> list:
+    """Each state's training state and its parameter groups' (TrainingState values), to restore
+    later with set_fsdp_training_states."""
+    return [(s._training_state, [g._training_state for g in fsdp_param_groups(s)]) for s in states]
+
+
+def set_fsdp_training_states(states: Sequence, saved: list) -> None:
+    """Put back what fsdp_training_states read from the same `states`."""
+    for state, (own, groups) in zip(states, saved, strict=True):
+        state._training_state = own
+        for group, group_state in zip(fsdp_param_groups(state), groups, strict=True):
+            group._training_state = group_state
+
+
+def hold_fsdp_final_callback(root, held: bool) -> None:
+    """While held, FSDP2 does not queue the root's end-of-backward callback (it believes it queued);
+    the caller then runs it itself with run_fsdp_final_callback."""
+    ctx = root._state_ctx
+    if not hasattr(ctx, "post_backward_final_callback_queued"):
+        raise _missing("post_backward_final_callback_queued")
+    ctx.post_backward_final_callback_queued = held
+
+
+def run_fsdp_final_callback(root) -> None:
+    """FSDP2's end of backward, run by hand on the root state: each unit's post-backward (reduction
+    and reshard where still due) and the reset of every unit's training state."""
+    root._root_post_backward_final_callback()
 
 
 def defer_fsdp_gradient_reduction(units: Sequence[nn.Module]) -> None:
@@ -147,7 +208,7 @@ def fold_fsdp_gradients(units: Sequence[nn.Module]) -> None:
     does after each backward without a reduction: W runs outside the hooks that would. Private
     FSDPParam methods (torch 2.13); where absent the gradients accumulate in the compute dtype."""
     for unit in units:
-        for group in _fsdp_param_groups(unit._get_fsdp_state()):
+        for group in fsdp_param_groups(fsdp_state(unit)):
             for param in group.fsdp_params:
                 if hasattr(param, "to_accumulated_grad_if_needed"):
                     param.accumulate_unsharded_grad_if_needed()
@@ -166,11 +227,9 @@ def reduce_fsdp_gradients(units: Sequence[nn.Module]) -> None:
         unit.set_requires_gradient_sync(True, recurse=False)
         unit.set_reshard_after_backward(True, recurse=False)
         unit.set_is_last_backward(True)
-        state = unit._get_fsdp_state()
+        state = fsdp_state(unit)
         states.append(state)
-        for group in _fsdp_param_groups(state):
+        for group in fsdp_param_groups(state):
             group.post_backward()
     if states:
-        everyone = getattr(states[0]._state_ctx, "all_states", states)
-        root = next((s for s in everyone if getattr(s, "_is_root", False)), states[0])
-        root._root_post_backward_final_callback()
+        run_fsdp_final_callback(fsdp_root_state(states) or states[0])

@@ -1,7 +1,7 @@
 """Gradient-norm clipping across meshes: dense grads live on the dp mesh, experts on theirs.
 
-torch's clip_grad_norm_ cannot mix DTensors of different meshes, so each mesh's norm is
-taken on its own (full_tensor() sums over its shards) and the squares are added.
+Each rank sums the squares of the gradient shards it holds (a replica's copy counted once) and
+one all-reduce adds them up, instead of DTensor's per-mesh-dimension reductions of the norm.
 """
 
 from __future__ import annotations
@@ -12,15 +12,32 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
 
 
-def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if not grads:
-        return torch.zeros((), device=device)
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return norm.float() ** 2
+def _squared_norm(grads: list[torch.Tensor], device: torch.device, summed_later: bool) -> torch.Tensor:
+    """Sum of squares of `grads` in float32, DTensors grouped by (mesh, placements). `summed_later`:
+    the caller adds this rank's result over every rank of the meshes, so a group counts nothing on
+    a rank that is not the first along a Replicate mesh dimension (HSDP replicas hold the same
+    shard). Otherwise each group is all-reduced over its own mesh's sharded dimensions here."""
+    total = torch.zeros((), device=device)
+    groups: dict[tuple | None, list[torch.Tensor]] = {}
+    for g in grads:
+        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    for key, members in groups.items():
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in members]
+        sq = torch.nn.utils.get_total_norm(local, norm_type=2.0).float() ** 2
+        if key is not None:
+            mesh, placements = members[0].device_mesh, members[0].placements
+            for dim, placement in enumerate(placements):
+                replicated = isinstance(placement, Replicate)
+                if summed_later and replicated and mesh.get_local_rank(dim) != 0:
+                    sq = sq * 0.0  # exactly zero: the replica of index 0 counts this shard
+                elif not summed_later and not replicated:
+                    dist.all_reduce(sq, group=mesh.get_group(dim))
+        total = total + sq
+    return total
 
 
 def clip_grad_norm(
@@ -30,15 +47,21 @@ def clip_grad_norm(
     device: torch.device,
     pp_group: dist.ProcessGroup | None = None,
     uncounted: Sequence[nn.Parameter] = (),
+    dp_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Scale every gradient so the global L2 norm is at most max_norm (0 or inf: never).
-    With `pp_group`, each pipeline stage holds other parameters: the squares add over it.
-    `uncounted`: parameters that another stage holds too (a tied copy, DualPipe's second model
-    copy), scaled but not counted twice. -> the norm before clipping."""
+    `dp_group`: the ranks that every gradient's mesh spans (the data-parallel ranks of this stage):
+    dense and expert squares add over it in one all-reduce (plain tensors count as this rank's
+    own); without it each mesh's sharded dimensions are reduced one by one. With `pp_group`, each
+    pipeline stage holds other parameters: the squares add over it too. `uncounted`: parameters that another stage holds
+    too (a tied copy, DualPipe's second model copy), scaled but not counted twice.
+    -> the norm before clipping."""
     skip = {id(p) for p in uncounted}
-    dense_sq = _squared_norm([p.grad for p in dense if p.grad is not None and id(p) not in skip], device)
-    expert_sq = _squared_norm([p.grad for p in experts if p.grad is not None and id(p) not in skip], device)
-    total_sq = dense_sq + expert_sq
+    dense_grads = [p.grad for p in dense if p.grad is not None and id(p) not in skip]
+    expert_grads = [p.grad for p in experts if p.grad is not None and id(p) not in skip]
+    total_sq = _squared_norm(dense_grads + expert_grads, device, summed_later=dp_group is not None)
+    if dp_group is not None:
+        dist.all_reduce(total_sq, group=dp_group)
     if pp_group is not None:
         dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()

@@ -349,13 +349,14 @@ def peak_in_flight_bytes(schedule: PipelineSchedule, rank: int, stage_bytes: dic
 
 
 def pipeline_ranks(
-    m, layout: Layout, schedule_name: str, micro_batches: int
+    m, layout: Layout, schedule_name: str, micro_batches: int, virtual_stages: int = 2
 ) -> tuple[PipelineSchedule, list[PipelineRank], tuple[int, ...]]:
     """The schedule, per pipeline rank its stages cut as framework/train.py cuts them, and the
-    two ranks that sum the embedding's gradient where the MTP modules hold a copy (else ())."""
-    cut: StagePlan = plan_stages(model_pieces(m), schedule_name, layout.pp)
+    two ranks that sum the embedding's gradient where the MTP modules hold a copy (else ()).
+    `virtual_stages`: stages per rank for interleaved_1f1b."""
+    cut: StagePlan = plan_stages(model_pieces(m), schedule_name, layout.pp, virtual_stages)
     embed_pair = (cut.rank_of_piece("embed"), cut.rank_of_piece("head")) if mtp_needs_embedding(cut) else ()
-    schedule = build_schedule(schedule_name, layout.pp, micro_batches)
+    schedule = build_schedule(schedule_name, layout.pp, micro_batches, virtual_stages)
     in_flight = in_flight_microbatches(schedule)
     ranks = []
     for rank in range(layout.pp):
@@ -374,16 +375,18 @@ def plan(
     global_batch_size: int,
     activation_checkpointing: str = "none",
     pp_schedule: str = "1f1b",
+    pp_virtual_stages: int = 2,
 ) -> Plan:
     """The per-rank memory and per-step communication of training `m` on `layout`; with a
-    pipeline each pipeline rank counts the pieces its stages hold under `pp_schedule`."""
+    pipeline each pipeline rank counts the pieces its stages hold under `pp_schedule`
+    (`pp_virtual_stages` of them per rank for interleaved_1f1b)."""
     all_params = model_params(m)
     all_buffers = model_buffers(m)
     micro_batches = global_batch_size // layout.dp // micro_batch_size
     accumulate = micro_batches > 1
     schedule, stages, embed_pair = None, [], ()
     if layout.pp > 1:
-        schedule, stages, embed_pair = pipeline_ranks(m, layout, pp_schedule, micro_batches)
+        schedule, stages, embed_pair = pipeline_ranks(m, layout, pp_schedule, micro_batches, pp_virtual_stages)
         piece_bytes = piece_activation_bytes(m, micro_batch_size, precision, activation_checkpointing, layout.ep)
 
     memory_of: list[Callable[[int], RankMemory]] = []  # pipeline rank -> data-parallel rank -> memory

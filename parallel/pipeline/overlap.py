@@ -8,7 +8,8 @@ same order. Each side keeps its own thread-local state (grad mode, saved-tensor 
 modes, activation checkpointing's recompute flag); the baton names sides, not threads, because on
 CUDA the backward runs on autograd's device thread. FSDP2's per-unit training state is shared by
 both sides for the units both use (the root): `_FsdpSides` gives each side its own copy of it,
-and FSDP2's end-of-backward callback (which touches every unit) runs once both sides are done.
+and FSDP2's end-of-backward callback (which touches every unit) runs once both sides are done
+(FSDP2's private state is reached only through parallel/compat.py's fsdp_* helpers).
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+from parallel.compat import (
+    fsdp_root_state,
+    fsdp_state,
+    fsdp_training_states,
+    hold_fsdp_final_callback,
+    run_fsdp_final_callback,
+    set_fsdp_training_states,
+)
 
 FORWARD, BACKWARD = 0, 1
 SIDE_NAMES = ("F", "B")
@@ -80,19 +90,6 @@ def note(event: str) -> None:
         _active.note(event)
 
 
-def _fsdp_state(module: nn.Module):
-    get = getattr(module, "_get_fsdp_state", None)
-    return get() if get is not None else None
-
-
-def _param_groups(state) -> list:
-    groups = getattr(state, "_fsdp_param_groups", None)  # newer torch: a list per state
-    if groups is None:
-        group = getattr(state, "_fsdp_param_group", None)
-        groups = [group] if group is not None else []
-    return groups
-
-
 class _FsdpSides:
     """FSDP2 bookkeeping for one overlapped F&B (no-op without FSDP2 units).
 
@@ -105,33 +102,23 @@ class _FsdpSides:
     run after both sides, where a forward-then-backward would have run it too."""
 
     def __init__(self, forward_units: Sequence[nn.Module], backward_units: Sequence[nn.Module]):
-        f_states = {id(s): s for s in map(_fsdp_state, forward_units) if s is not None}
-        b_states = {id(s): s for s in map(_fsdp_state, backward_units) if s is not None}
-        ctx = next((s._state_ctx for s in (*f_states.values(), *b_states.values())), None)
-        self.root = next((s for s in ctx.all_states if s._is_root), None) if ctx is not None else None
+        f_states = {id(s): s for s in map(fsdp_state, forward_units) if s is not None}
+        b_states = {id(s): s for s in map(fsdp_state, backward_units) if s is not None}
+        self.root = fsdp_root_state([*f_states.values(), *b_states.values()])
         shared = {k: s for k, s in f_states.items() if k in b_states}
         if self.root is not None:
             shared[id(self.root)] = self.root
         self.shared = list(shared.values())
-        self.views = [self._read(), self._read()]
-
-    def _read(self) -> list:
-        return [(s._training_state, [g._training_state for g in _param_groups(s)]) for s in self.shared]
-
-    def _write(self, view: list) -> None:
-        for s, (state, group_states) in zip(self.shared, view, strict=True):
-            s._training_state = state
-            for g, g_state in zip(_param_groups(s), group_states, strict=True):
-                g._training_state = g_state
+        self.views = [fsdp_training_states(self.shared), fsdp_training_states(self.shared)]
 
     def switch(self, leaving: int, arriving: int) -> None:
         if self.shared:
-            self.views[leaving] = self._read()
-            self._write(self.views[arriving])
+            self.views[leaving] = fsdp_training_states(self.shared)
+            set_fsdp_training_states(self.shared, self.views[arriving])
 
     def __enter__(self) -> _FsdpSides:
         if self.root is not None:  # nobody queues the callback during the F&B; run below
-            self.root._state_ctx.post_backward_final_callback_queued = True
+            hold_fsdp_final_callback(self.root, True)
         return self
 
     def finish(self, last: int) -> None:
@@ -140,12 +127,12 @@ class _FsdpSides:
         if last != BACKWARD:
             self.switch(last, BACKWARD)
         if self.root is not None:
-            self.root._state_ctx.post_backward_final_callback_queued = False
-            self.root._root_post_backward_final_callback()
+            hold_fsdp_final_callback(self.root, False)
+            run_fsdp_final_callback(self.root)
 
     def __exit__(self, *exc) -> None:
         if exc[0] is not None and self.root is not None:
-            self.root._state_ctx.post_backward_final_callback_queued = False
+            hold_fsdp_final_callback(self.root, False)
 
 
 class _Helper:

@@ -78,3 +78,35 @@ def test_a_nan_stop_commits_the_async_save_in_flight(tmp_path):
     )
     out = run_ranks(_async_save_then_nan_stop, 2, OmegaConf.to_yaml(cfg))[0]
     assert out == {"code": 3, "step1_problem": None}
+
+
+def _run(rank: int, world: int, cfg_yaml: str) -> int:
+    from framework.config import Config
+    from framework.distributed import DistContext
+    from framework.train import Trainer, run_to_the_end
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
+    return run_to_the_end(Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu"))))
+
+
+def test_expert_all_to_all_milliseconds_reach_the_log_at_ep_2(tmp_path):
+    """Each logged record at ep>1 carries the expert all-to-alls' exposed and total milliseconds per
+    step (mean and max over ranks); at ep=1 there are none to log."""
+    steps = ["train.steps=4", "train.log_every=2", "train.eval_every=4"]
+    cfg = make_config(tmp_path / "ep2", 2, ["parallel.ep=2", *steps])
+    Path(cfg.run_dir).mkdir()
+    assert run_ranks(_run, 2, OmegaConf.to_yaml(cfg)) == [0, 0]
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    for r in logged:
+        assert r["a2a_total_ms_max"] >= r["a2a_total_ms"] >= r["a2a_exposed_ms"] >= 0
+        assert r["a2a_exposed_ms_max"] >= r["a2a_exposed_ms"]
+        assert r["a2a_total_ms_max"] >= r["a2a_exposed_ms_max"]
+        assert 0 < r["a2a_total_ms"] < 60_000  # every MoE layer exchanged, forward and backward
+
+    cfg = make_config(tmp_path / "ep1", 1, steps)
+    Path(cfg.run_dir).mkdir()
+    assert run_ranks(_run, 1, OmegaConf.to_yaml(cfg)) == [0]
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert not any(key.startswith("a2a_") for r in records for key in r)

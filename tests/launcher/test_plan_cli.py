@@ -107,3 +107,23 @@ def test_pipeline_plan_prints_each_pipeline_ranks_stages_and_its_sends(capsys):
     assert "  pp rank 1 (ranks 2-3): stage 0: embed, layers.0-2 (1 in flight); stage 1: layers.3, head, mtp.0" in out
     assert main([*args, "parallel.pp_schedule=dualpipev"]) == 2  # 2 micro-batches: dualpipev needs 3
     assert "dualpipev needs >= 2*pp-1 = 3" in capsys.readouterr().err
+
+
+def test_pipeline_plan_cuts_pp_virtual_stages_per_rank_for_interleaved_1f1b(capsys):
+    args = [
+        "plan",
+        "config=tiny",
+        "launcher.nproc_per_node=2",
+        "parallel.pp=2",
+        "parallel.pp_schedule=interleaved_1f1b",
+    ]
+    assert main([*args, "parallel.pp_virtual_stages=3", "train.global_batch_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "  pp rank 0 (rank 0): stage 0: embed (4 in flight); stage 2: layers.1 (3 in flight); stage 4: layers.3" in out
+    )
+    assert (
+        "  pp rank 1 (rank 1): stage 1: layers.0 (4 in flight); stage 3: layers.2 (2 in flight); stage 5: head" in out
+    )
+    assert main([*args, "parallel.pp_virtual_stages=1"]) == 2
+    assert "parallel.pp_virtual_stages=1: must be an integer >= 2" in capsys.readouterr().err

@@ -80,8 +80,14 @@ BAD = [
     (["launcher.stop_timeout_s=0"], "launcher.stop_timeout_s=0"),
     (  # 8 stages (2 per rank) from 4 blocks, the embedding and the head: the cut, not the micro-batches
         ["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b", "launcher.nproc_per_node=4"],
-        "parallel.pp_schedule=interleaved_1f1b with parallel.pp=4 and model.n_layers=4: 8 stages: "
-        "the model has only 6 pieces to cut",
+        "parallel.pp_schedule=interleaved_1f1b with parallel.pp=4 x pp_virtual_stages=2 and model.n_layers=4: "
+        "8 stages: the model has only 6 pieces to cut",
+    ),
+    (["parallel.pp_virtual_stages=1"], "parallel.pp_virtual_stages=1: must be an integer >= 2"),
+    (["parallel.pp_virtual_stages=x"], "parallel.pp_virtual_stages"),
+    (  # 8 stages again, now from pp=2 x 4 stages per rank
+        ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=4"],
+        "with parallel.pp=2 x pp_virtual_stages=4 and model.n_layers=4: 8 stages: the model has only 6 pieces",
     ),
     (["checkpoint.write_threads=0"], "checkpoint.write_threads=0"),
     (["logging.wandb.mode=cloud"], "allowed: disabled, offline, online"),

@@ -50,9 +50,10 @@ def test_missing_grads_and_empty_groups_count_as_zero():
     torch.testing.assert_close(clip_grad_norm([], [], 0.0, CPU), torch.tensor(0.0))
 
 
-def _sharded_clip(rank: int, world: int) -> dict:
+def _sharded_clip(rank: int, world: int, one_group: bool) -> dict:
     """Dense grads sharded HSDP-style over the (dp_replicate, dp_shard) mesh, expert grads
     over the EP mesh: the global norm must equal the norm of the full grads on one process."""
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     from parallel.layout import resolve_layout
@@ -70,15 +71,95 @@ def _sharded_clip(rank: int, world: int) -> dict:
 
     dense = [shard(p, dense_mesh, [Replicate(), Shard(0)]) for p in full_dense]
     experts = [shard(p, ep_mesh, [Shard(0)]) for p in full_experts]
-    norm = clip_grad_norm(dense, experts, max_norm=2.0, device=CPU)
+    group = dist.group.WORLD if one_group else None
+    norm = clip_grad_norm(dense, experts, max_norm=2.0, device=CPU, dp_group=group)
     clipped = torch.cat([p.grad.full_tensor().flatten() for p in dense + experts])
     return {"norm": norm, "reference": _norm(full_dense + full_experts), "clipped_norm": clipped.norm()}
 
 
 @pytest.mark.slow
-def test_global_norm_over_sharded_grads_on_two_meshes_equals_the_single_process_norm():
-    out = run_ranks(_sharded_clip, 2)
+@pytest.mark.parametrize("one_group", [True, False], ids=["one all-reduce over dp", "per mesh dimension"])
+def test_global_norm_over_sharded_grads_on_two_meshes_equals_the_single_process_norm(one_group):
+    out = run_ranks(_sharded_clip, 2, one_group)
     for rank in out:  # every rank computes the same norm and clips by the same factor
         torch.testing.assert_close(rank["norm"], rank["reference"])
         assert rank["reference"] > 2.0
         torch.testing.assert_close(rank["clipped_norm"], torch.tensor(2.0), rtol=1e-5, atol=1e-5)
+
+
+def _expert_grads_on_edp_shard_x_ep(rank: int, world: int) -> dict:
+    """Expert grads sharded over the 2-D (edp_shard, ep) mesh (FSDP over EP, as at pp=2 x ep=2):
+    DTensor's own norm reduction warns that it runs one all-reduce per mesh dimension."""
+    import logging
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    from parallel.layout import resolve_layout
+    from parallel.mesh import build_expert_mesh
+
+    layout = resolve_layout(world, 1, "auto", -1, world)
+    mesh = build_expert_mesh(layout, CPU)["edp_shard", "ep"]
+    full = _params((4, 3, 5), (2, 6), seed=1)
+    experts = []
+    for p in full:
+        local = p.grad.chunk(world, dim=0)[rank].clone()
+        e = nn.Parameter(DTensor.from_local(torch.zeros_like(local), mesh, [Shard(0), Shard(0)], run_check=False))
+        e.grad = DTensor.from_local(local, mesh, [Shard(0), Shard(0)], run_check=False)
+        experts.append(e)
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logging.getLogger("torch.distributed.tensor._redistribute").addHandler(Keep())
+    norms = [clip_grad_norm([], experts, 0.0, CPU, dp_group=g) for g in (dist.group.WORLD, None)]
+    ours = list(records)
+    dtensor_norm = torch.nn.utils.get_total_norm([e.grad for e in experts]).full_tensor()  # torch's own way
+    return {"norms": norms, "reference": _norm(full), "ours": ours, "dtensor": records[len(ours) :], "d": dtensor_norm}
+
+
+@pytest.mark.slow
+def test_clipping_over_a_2d_expert_mesh_warns_nothing_and_equals_the_full_norm():
+    for rank in run_ranks(_expert_grads_on_edp_shard_x_ep, 2):
+        assert rank["ours"] == []
+        assert any("sequential" in m for m in rank["dtensor"])  # the warning this clipping avoids
+        for norm in rank["norms"]:
+            torch.testing.assert_close(norm, rank["reference"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(rank["norms"][0], rank["d"], rtol=1e-6, atol=0)
+
+
+def _hsdp_clip(rank: int, world: int) -> dict:
+    """HSDP: dense grads Replicate over dp_replicate=2 and Shard over dp_shard=2, experts over
+    (edp_replicate, edp_shard, ep): with one all-reduce over all 4 ranks each shard counts once."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from parallel.layout import resolve_layout
+    from parallel.mesh import build_expert_mesh, build_mesh, dp_mesh
+
+    layout = resolve_layout(world, 1, 2, -1, 2)
+    dense_mesh = dp_mesh(build_mesh(layout, CPU))
+    expert_mesh = build_expert_mesh(layout, CPU)["edp_replicate", "edp_shard", "ep"]
+    full_dense, full_experts = _params((8, 3), (4,), seed=0), _params((4, 3, 5), seed=1)
+
+    def shard(full: nn.Parameter, mesh, placements, parts: int, index: int) -> nn.Parameter:
+        local = full.grad.chunk(parts, dim=0)[index].clone()
+        p = nn.Parameter(DTensor.from_local(torch.zeros_like(local), mesh, placements, run_check=False))
+        p.grad = DTensor.from_local(local, mesh, placements, run_check=False)
+        return p
+
+    shard_rank = dense_mesh.get_local_rank("dp_shard")
+    dense = [shard(p, dense_mesh, [Replicate(), Shard(0)], 2, shard_rank) for p in full_dense]
+    expert_index = expert_mesh.get_local_rank("ep")  # edp_shard is 1: the ep rank picks the rows
+    experts = [shard(p, expert_mesh, [Replicate(), Shard(0), Shard(0)], 2, expert_index) for p in full_experts]
+    norms = [clip_grad_norm(dense, experts, 0.0, CPU, dp_group=g) for g in (dist.group.WORLD, None)]
+    return {"norms": norms, "reference": _norm(full_dense + full_experts)}
+
+
+@pytest.mark.slow
+def test_hsdp_replicas_count_once_in_the_norm():
+    for rank in run_ranks(_hsdp_clip, 4):
+        for norm in rank["norms"]:
+            torch.testing.assert_close(norm, rank["reference"], rtol=1e-6, atol=0)

@@ -41,6 +41,12 @@ LAYOUTS = {
     # 8 stages on 4 ranks: 7 blocks give every stage a block (embed+layers.0 | layers.1 | ... | head+MTP)
     "interleaved_1f1b pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b", "model.n_layers=7"]),
     "dualpipev pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=dualpipev", "model.n_layers=7"]),
+    # 3 stages per rank (parallel.pp_virtual_stages=3): embed | layers.0 | ... | layers.3 | head+MTP, ranks 0 1 0 1 0 1
+    "interleaved_1f1b pp=2 x 3 stages per rank": (
+        2,
+        [],
+        ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=3", "model.n_layers=4"],
+    ),
     # two model copies: each mirror pair sums its gradients and expert loads, the norm counts one copy
     "dualpipe pp=2": (2, [], ["parallel.pp=2", "parallel.pp_schedule=dualpipe"]),
     "dualpipe pp=4": (4, [], ["parallel.pp=4", "parallel.pp_schedule=dualpipe", "model.n_layers=4"]),

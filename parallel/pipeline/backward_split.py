@@ -4,11 +4,13 @@ stage's input only; W, later, computes the weight gradients without going down t
 How: the autograd graph below the stage output splits into the chain (every node that leads to the
 stage input: what B runs) and weight branches (nodes that lead to a parameter only). A chain node with
 an edge into a weight branch (a matmul's node: its input and its weight hang off it) is a *fork*. B runs
-the chain with `autograd.grad(inputs=stage input)`, which computes no weight edge, and keeps each
-fork's incoming gradient. W runs each fork again from that gradient, asking only for the gradients at
-its weight edges (so the engine skips the fork's chain edges: nothing there leads to what is asked),
-then runs the weight branches from those into the parameters' `.grad`. Forks that reach one another
-run in separate engine calls, ordered in levels, so no call's roots lead into another root.
+the chain with `autograd.grad(inputs=stage input and the forks' incoming edges)`, which computes no
+weight edge and hands over each fork's incoming gradient on the way. W runs each fork again from that
+gradient, asking only for the gradients at its weight edges (so the engine skips the fork's chain
+edges: nothing there leads to what is asked), then runs the weight branches from those into the
+parameters' `.grad`. Forks that reach one another run in separate engine calls, ordered in levels, so
+no call's roots lead into another root. Finding the forks is cached by the graph's structure, which
+the micro-batches of a stage share (`_fork_levels`).
 
 A custom autograd Function that computes several gradients in one backward (the grouped expert GEMM)
 asks `input_gradient_wanted()` / `weight_gradient_wanted()`: its static `needs_input_grad` cannot

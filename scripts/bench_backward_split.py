@@ -72,27 +72,31 @@ def config_yaml(args: argparse.Namespace, dim: int, schedule: str, checkpointing
 
 
 def _measure(rank: int, world: int, cfg_yamls: dict[tuple[int, str, str], str], steps: int) -> dict:
-    """-> (dim, schedule, checkpointing) -> (kind, stage) -> this rank's action times (s), timed steps only."""
+    """-> (dim, schedule, checkpointing) -> (kind, stage) -> this rank's action times (s), timed steps only.
+    A width's 1f1b and zb1p trainers take their steps in turn, so load from other processes that
+    comes and goes falls on both alike."""
     from framework.distributed import DistContext
     from framework.train import Trainer
 
     torch.manual_seed(0)
-    results = {}
-    for key, cfg_yaml in cfg_yamls.items():
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
-        trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
-        times: dict[tuple[str, int], list[float]] = {}
+    results: dict[tuple[int, str, str], dict[tuple[str, int], list[float]]] = {key: {} for key in cfg_yamls}
+    for dim, checkpointing in dict.fromkeys((dim, ac) for dim, _, ac in cfg_yamls):
+        keys = [key for key in cfg_yamls if (key[0], key[2]) == (dim, checkpointing)]
+        trainers = {}
+        for key in keys:
+            cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yamls[key]))
+            trainers[key] = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
         for i in range(1 + steps):
-            trainer.pipeline.timings = []
-            dist.barrier()
-            trainer.forward_backward_step(trainer.loader.next_step())
-            trainer.optimizer.zero_grad(set_to_none=True)
-            if i == 0:
-                continue
-            for action, start, end in trainer.pipeline.timings:
-                if action.kind in (Kind.B, Kind.W, Kind.BW):
-                    times.setdefault((str(action.kind), action.stage), []).append(end - start)
-        results[key] = times
+            for key, trainer in trainers.items():
+                trainer.pipeline.timings = []
+                dist.barrier()
+                trainer.forward_backward_step(trainer.loader.next_step())
+                trainer.optimizer.zero_grad(set_to_none=True)
+                if i == 0:
+                    continue
+                for action, start, end in trainer.pipeline.timings:
+                    if action.kind in (Kind.B, Kind.W, Kind.BW):
+                        results[key].setdefault((str(action.kind), action.stage), []).append(end - start)
     return results
 
 

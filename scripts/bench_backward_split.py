@@ -37,7 +37,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
     p.add_argument("--checkpointing", type=str, default="none,full", help="activation checkpointing modes")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 timed step: a smoke test")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another revision's backward_split.py (git show REV:parallel/pipeline/backward_split.py > F): "
+        "instead of the pp=2 run, time BW, its B + W and this tree's B + W in turn in one process (CPU time)",
+    )
     args = p.parse_args()
+    if args.baseline is not None and not args.baseline.is_file():
+        p.error(f"--baseline: {str(args.baseline)!r}: not a file (allowed: a backward_split.py)")
     if args.quick:
         args.dims, args.layers, args.seq_len, args.steps = "32", 2, 16, 1
     try:
@@ -100,8 +108,64 @@ def _measure(rank: int, world: int, cfg_yamls: dict[tuple[int, str, str], str], 
     return results
 
 
+def compare_in_process(args: argparse.Namespace) -> None:
+    """BW, the baseline's B + W and this tree's B + W, in turn on one process's last stage of a
+    pp=2 cut (the second half of the blocks, the head, the MTP block), with the thread's CPU time:
+    robust to other processes' load, which wall times of separate runs are not."""
+    import importlib.util
+
+    from framework.model.args import ModelArgs
+    from framework.model.transformer import MoETransformer
+    from parallel.activation_checkpoint import apply_activation_checkpointing
+    from parallel.pipeline import backward_split
+
+    spec = importlib.util.spec_from_file_location("baseline_backward_split", args.baseline)
+    baseline = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    spec.loader.exec_module(baseline)
+    torch.set_num_threads(1)
+    rows = []
+    for dim, ac in [(d, ac) for d in args.dims for ac in args.checkpointing]:
+        cfg = OmegaConf.create(config_yaml(args, dim, "1f1b", ac))
+        model = MoETransformer(ModelArgs.from_config(cfg.model))
+        model.init_weights(0)
+        blocks = [str(i) for i in range(args.layers // 2, args.layers)]
+        apply_activation_checkpointing([model.layers[b] for b in blocks], ac)
+        pieces = frozenset({*(f"layers.{b}" for b in blocks), "head"})
+
+        def timed(run, seed: int, dim: int = dim, model=model, pieces=pieces) -> float:
+            g = torch.Generator().manual_seed(seed)
+            tokens = torch.randint(0, 256, (1, args.seq_len), generator=g)
+            h = torch.randn(1, args.seq_len, dim, generator=g).requires_grad_()
+            loss = sum(o.float().square().mean() for o in model(tokens, h, pieces))
+            start = time.thread_time()
+            run(loss, h)
+            return 1e3 * (time.thread_time() - start)
+
+        def split(module):
+            return lambda loss, h: module.backward_weight(module.backward_input(loss, None, h)[1])
+
+        runs = {"BW": lambda loss, h: loss.backward(), "baseline": split(baseline), "this tree": split(backward_split)}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        names = list(runs)
+        for i in range(2 + 3 * args.steps):  # two warm-up rounds; each round starts with another run
+            for name in names[i % 3 :] + names[: i % 3]:
+                times[name].append(timed(runs[name], i))
+        ms = {name: statistics.median(t[2:]) for name, t in times.items()}
+        for name in ("baseline", "this tree"):
+            rows.append([dim, ac, name, f"{ms['BW']:.2f}", f"{ms[name]:.2f}", f"{ms[name] / ms['BW']:.2f}"])
+    print(
+        f"one process, the last stage of a pp=2 cut ({args.layers} blocks, seq {args.seq_len}), "
+        f"CPU ms, medians of {3 * args.steps} runs each, in turn; baseline: {args.baseline}\n"
+    )
+    print_table(["dim", "checkpointing", "split", "BW ms", "B + W ms", "(B + W) / BW"], rows, 3)
+
+
 def main() -> None:
     args = parse_args()
+    if args.baseline is not None:
+        args.run_dir = "unused"  # nothing is written: the model is built from the config alone
+        compare_in_process(args)
+        return
     import tempfile
 
     with tempfile.TemporaryDirectory() as run_dir:

@@ -4,11 +4,13 @@ stage's input only; W, later, computes the weight gradients without going down t
 How: the autograd graph below the stage output splits into the chain (every node that leads to the
 stage input: what B runs) and weight branches (nodes that lead to a parameter only). A chain node with
 an edge into a weight branch (a matmul's node: its input and its weight hang off it) is a *fork*. B runs
-the chain with `autograd.grad(inputs=stage input)`, which computes no weight edge, and keeps each
-fork's incoming gradient. W runs each fork again from that gradient, asking only for the gradients at
-its weight edges (so the engine skips the fork's chain edges: nothing there leads to what is asked),
-then runs the weight branches from those into the parameters' `.grad`. Forks that reach one another
-run in separate engine calls, ordered in levels, so no call's roots lead into another root.
+the chain with `autograd.grad(inputs=stage input and the forks' incoming edges)`, which computes no
+weight edge and hands over each fork's incoming gradient on the way. W runs each fork again from that
+gradient, asking only for the gradients at its weight edges (so the engine skips the fork's chain
+edges: nothing there leads to what is asked), then runs the weight branches from those into the
+parameters' `.grad`. Forks that reach one another run in separate engine calls, ordered in levels, so
+no call's roots lead into another root. Finding the forks is cached by the graph's structure, which
+the micro-batches of a stage share (`_fork_levels`).
 
 A custom autograd Function that computes several gradients in one backward (the grouped expert GEMM)
 asks `input_gradient_wanted()` / `weight_gradient_wanted()`: its static `needs_input_grad` cannot
@@ -21,9 +23,10 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
-from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+from torch.autograd.graph import GradientEdge, Node, _engine_run_backward, get_gradient_edge
 
 # Which pass of a split backward is running: "input" (B), "weight" (W's fork calls) or None. Not
 # per thread: on CUDA the engine runs the backward on its device thread while the caller waits.
@@ -54,7 +57,8 @@ def _backward_pass(kind: str) -> Iterator[None]:
 class _Fork:
     node: Node
     weight_edges: list[tuple[Node, int]]  # (first node of a weight branch, its input slot)
-    grads: tuple[torch.Tensor | None, ...] | None = None  # the gradients that reached it in B
+    in_slots: tuple[int, ...]  # its input slots that an edge of the graph leads into
+    grads: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, what reached it in B)
 
 
 @dataclass
@@ -75,19 +79,20 @@ def backward_input(
     what W needs). A stage without an input gradient (the first) computes nothing here."""
     if stage_input is None:
         return None, PendingWeightGradients(output, grad_output, whole=True)
-    levels = _fork_levels(output.grad_fn, get_gradient_edge(stage_input).node)
+    levels = _fork_levels(get_gradient_edge(output), get_gradient_edge(stage_input).node)
     if levels is None:  # a weight branch shared by two forks: no clean split, one whole backward
         torch.autograd.backward(output, grad_output)
         grad = stage_input.grad if stage_input.grad is not None else torch.zeros_like(stage_input)
         return grad, PendingWeightGradients(output, None)
-    forks = [fork for level in levels for fork in level]
-    handles = [fork.node.register_prehook(_keeper(fork)) for fork in forks]
-    try:
-        with _backward_pass("input"):
-            (grad,) = torch.autograd.grad(output, stage_input, grad_output, retain_graph=True, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    # The engine hands over the gradient reaching each fork as it runs the fork (asked-for edges on
+    # the way to the input cost nothing more than the run itself: no hooks, no second pass).
+    forks = [(fork, slot) for level in levels for fork in level for slot in fork.in_slots]
+    asked = [stage_input, *(GradientEdge(fork.node, slot) for fork, slot in forks)]
+    with _backward_pass("input"):
+        grad, *reached = torch.autograd.grad(output, asked, grad_output, retain_graph=True, allow_unused=True)
+    for (fork, slot), fork_grad in zip(forks, reached, strict=True):
+        if fork_grad is not None:
+            fork.grads.append((slot, fork_grad))
     if grad is None:
         grad = torch.zeros_like(stage_input)
     return grad, PendingWeightGradients(output, grad_output, levels)
@@ -100,53 +105,100 @@ def backward_weight(pending: PendingWeightGradients) -> None:
         torch.autograd.backward(pending.output, pending.grad_output)
         return
     branch_grads: dict[tuple[Node, int], torch.Tensor] = {}
-    for level in pending.levels:
-        roots, root_grads, asked = [], [], {}
-        for fork in level:
-            reached = [(slot, grad) for slot, grad in enumerate(fork.grads or ()) if grad is not None]
-            fork.grads = None
-            for slot, grad in reached:
-                roots.append(GradientEdge(fork.node, slot))
-                root_grads.append(grad)
-            if reached:
-                for edge in fork.weight_edges:
-                    asked.setdefault(edge, GradientEdge(*edge))
-        if not roots:
-            continue
-        with _backward_pass("weight"):
-            grads = torch.autograd.grad(roots, list(asked.values()), root_grads, allow_unused=True)
-        for edge, grad in zip(asked, grads, strict=True):
-            if grad is not None:
-                branch_grads[edge] = grad if edge not in branch_grads else branch_grads[edge] + grad
+    with _backward_pass("weight"):
+        for level in pending.levels:
+            roots, root_grads, asked = [], [], {}
+            for fork in level:
+                reached, fork.grads = fork.grads, []
+                for slot, grad in reached:
+                    roots.append(GradientEdge(fork.node, slot))
+                    root_grads.append(grad)
+                if reached:
+                    for edge in fork.weight_edges:
+                        asked.setdefault(edge, GradientEdge(*edge))
+            if not roots:
+                continue
+            grads = _run_engine(roots, root_grads, tuple(asked.values()), accumulate=False)
+            for edge, grad in zip(asked, grads, strict=True):
+                if grad is not None:
+                    branch_grads[edge] = grad if edge not in branch_grads else branch_grads[edge] + grad
     if branch_grads:  # the weight branches: casts, views, and the parameters' AccumulateGrad
-        torch.autograd.backward([GradientEdge(*edge) for edge in branch_grads], list(branch_grads.values()))
+        _run_engine([GradientEdge(*edge) for edge in branch_grads], list(branch_grads.values()), (), accumulate=True)
     pending.levels.clear()
 
 
-def _keeper(fork: _Fork):
-    def keep(grad_outputs):
-        fork.grads = tuple(grad_outputs)
+def _run_engine(
+    roots: list[GradientEdge], grads: list[torch.Tensor], inputs: tuple[GradientEdge, ...], accumulate: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """One engine call from `roots` (the graph kept for nothing after it): into the parameters'
+    `.grad` (accumulate) or -> the gradients at `inputs`. What `torch.autograd.grad` / `backward`
+    do minus their checks of `grads` against the roots' shapes (Python work, ~50 us a call): every
+    gradient here came out of the engine for that very edge, in B or an earlier level."""
+    return _engine_run_backward(tuple(roots), tuple(grads), False, False, inputs, True, accumulate)
 
-    return keep
+
+# A fork as the analysis leaves it: (its position in the walk, its weight edges as (position, slot),
+# its input slots that edges lead into).
+_ForkPlan = tuple[int, tuple[tuple[int, int], ...], tuple[int, ...]]
 
 
-def _fork_levels(root: Node | None, input_node: Node) -> list[list[_Fork]] | None:
-    """The forks of the graph below `root`, in levels (a fork never reaches another of its level);
-    None when a weight branch hangs below two nodes (W could not keep them apart)."""
-    if root is None:
+def _fork_levels(output: GradientEdge, input_node: Node) -> list[list[_Fork]] | None:
+    """The forks of the graph below `output`, in levels (a fork never reaches another of its level);
+    None when a weight branch hangs below two nodes (W could not keep them apart).
+
+    The analysis is a function of the graph's structure alone (`_walk`'s signature: every node's
+    type and edges, and where the input is), so it is cached by that signature: the micro-batches
+    of a stage share one structure, and a graph that differs anywhere (another stage, a last
+    micro-batch of another shape, a different routing graph) has another signature and its own
+    analysis. A hit costs the walk only, a fifth of the analysis."""
+    if output.node is None:
         return []
-    children: dict[Node, list[tuple[Node, int]]] = {}
-    parents: dict[Node, int] = defaultdict(int)
-    stack, seen = [root], {root}
-    while stack:
-        node = stack.pop()
-        children[node] = [(child, slot) for child, slot in node.next_functions if child is not None]
-        for child in {c for c, _ in children[node]}:
+    nodes, signature = _walk(output, input_node)
+    plan = _plan(signature)
+    if plan is None:
+        return None
+    return [
+        [_Fork(nodes[fork], [(nodes[child], slot) for child, slot in edges], slots) for fork, edges, slots in level]
+        for level in plan
+    ]
+
+
+def _walk(output: GradientEdge, input_node: Node) -> tuple[list[Node], tuple]:
+    """-> (the nodes below `output`, breadth-first from it; the graph's structure by their positions:
+    (the input's position or -1, the output's slot, per node (its type, its edges as flat (child
+    position or -1, slot))))."""
+    root = output.node
+    position, nodes, shape = {root: 0}, [root], []
+    for node in nodes:  # grows while it runs
+        edges = []
+        for child, slot in node.next_functions:
+            if child is None:
+                edges += (-1, slot)
+                continue
+            at = position.get(child)
+            if at is None:
+                at = position[child] = len(nodes)
+                nodes.append(child)
+            edges += (at, slot)
+        shape.append((type(node), tuple(edges)))
+    return nodes, (position.get(input_node, -1), output.output_nr, tuple(shape))
+
+
+@lru_cache(maxsize=64)
+def _plan(signature: tuple) -> tuple[tuple[_ForkPlan, ...], ...] | None:
+    """The fork levels of the graph that `signature` describes (see `_walk`), by node positions."""
+    input_at, output_slot, shape = signature
+    children = [[(edges[i], edges[i + 1]) for i in range(0, len(edges), 2) if edges[i] >= 0] for _, edges in shape]
+    is_leaf_param = [not kids and hasattr(kind, "variable") for (kind, _), kids in zip(shape, children, strict=True)]
+    parents = [0] * len(shape)
+    in_slots: list[set[int]] = [set() for _ in shape]  # where gradients can arrive: edges, and the output's
+    in_slots[0].add(output_slot)
+    for kids in children:
+        for child, slot in kids:
+            in_slots[child].add(slot)
+        for child in {c for c, _ in kids}:
             parents[child] += 1
-            if child not in seen:
-                seen.add(child)
-                stack.append(child)
-    order, pending, ready = [], dict(parents), [root]  # topological: a node before its children
+    order, pending, ready = [], list(parents), [0]  # topological: a node before its children
     while ready:
         node = ready.pop()
         order.append(node)
@@ -154,23 +206,22 @@ def _fork_levels(root: Node | None, input_node: Node) -> list[list[_Fork]] | Non
             pending[child] -= 1
             if pending[child] == 0:
                 ready.append(child)
-    on_chain: dict[Node, bool] = {}  # leads to the stage input
-    to_weight: dict[Node, bool] = {}  # leads to a parameter
+    on_chain = [False] * len(shape)  # leads to the stage input
+    to_weight = [False] * len(shape)  # leads to a parameter
     for node in reversed(order):
         kids = children[node]
-        on_chain[node] = node is input_node or any(on_chain[c] for c, _ in kids)
-        is_param = node is not input_node and not kids and hasattr(node, "variable")
-        to_weight[node] = is_param or any(to_weight[c] for c, _ in kids)
-    depth: dict[Node, int] = defaultdict(int)  # forks above a chain node, at most
-    levels: dict[int, list[_Fork]] = defaultdict(list)
-    branch_forks: dict[Node, set[int]] = defaultdict(set)  # weight branch -> the levels of the forks above it
-    branch_parents: dict[Node, int] = defaultdict(int)
+        on_chain[node] = node == input_at or any(on_chain[c] for c, _ in kids)
+        to_weight[node] = (node != input_at and is_leaf_param[node]) or any(to_weight[c] for c, _ in kids)
+    depth = [0] * len(shape)  # forks above a chain node, at most
+    levels: dict[int, list[_ForkPlan]] = defaultdict(list)
+    branch_forks: dict[int, set[int]] = defaultdict(set)  # weight branch -> the levels of the forks above it
+    branch_parents: dict[int, int] = defaultdict(int)
     for node in order:
         if not on_chain[node]:
             continue
-        weight_edges = [(c, slot) for c, slot in children[node] if not on_chain[c] and to_weight[c]]
+        weight_edges = tuple((c, slot) for c, slot in children[node] if not on_chain[c] and to_weight[c])
         if weight_edges:
-            levels[depth[node]].append(_Fork(node, weight_edges))
+            levels[depth[node]].append((node, weight_edges, tuple(sorted(in_slots[node]))))
             for child in {c for c, _ in weight_edges}:
                 branch_forks[child].add(depth[node])
                 branch_parents[child] += 1
@@ -181,4 +232,4 @@ def _fork_levels(root: Node | None, input_node: Node) -> list[list[_Fork]] | Non
     # in that level's one call; below anything else, the chain would lead into it from another call.
     if any(len(branch_forks[c]) > 1 or branch_parents[c] != parents[c] for c in branch_forks):
         return None
-    return [levels[d] for d in sorted(levels)]
+    return tuple(tuple(levels[d]) for d in sorted(levels))

@@ -167,10 +167,27 @@ def test_bench_pipeline_analysis_recovers_a_simulated_run(name):
 
 def test_bench_backward_split_table_per_stage():
     (table,) = _tables(_quick("bench_backward_split.py"))
-    assert table[0][:3] == ["checkpointing", "stage", "BW ms"]
-    assert [(row[0], row[1]) for row in table[1:]] == [(ac, s) for ac in ("none", "full") for s in ("0", "1")]
+    assert table[0][:4] == ["dim", "checkpointing", "stage", "BW ms"]
+    assert [tuple(row[:3]) for row in table[1:]] == [("32", ac, s) for ac in ("none", "full") for s in ("0", "1")]
     for row in table[1:]:
-        bw, b, w = (float(x) for x in row[2:5])
+        bw, b, w = (float(x) for x in row[3:6])
         assert bw > 0 and w > 0 and b > 0
-        if row[1] == "0":  # the first stage has no input gradient: its B only does the bookkeeping
+        if row[2] == "0":  # the first stage has no input gradient: its B only does the bookkeeping
             assert b < 0.1 * w
+
+
+def test_bench_backward_split_against_a_baseline_in_one_process():
+    baseline = str(SCRIPTS.parent / "parallel" / "pipeline" / "backward_split.py")
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_backward_split.py"), "--quick", "--baseline", baseline],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (table,) = _tables(out.stdout)
+    assert table[0] == ["dim", "checkpointing", "split", "BW ms", "B + W ms", "(B + W) / BW"]
+    assert [tuple(row[:3]) for row in table[1:]] == [
+        ("32", ac, split) for ac in ("none", "full") for split in ("baseline", "this tree")
+    ]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in table[1:])

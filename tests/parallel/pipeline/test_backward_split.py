@@ -97,3 +97,87 @@ def test_first_stage_b_computes_nothing_and_w_everything():
     assert grad is None and all(p.grad is None for p in block.parameters())
     backward_weight(pending)
     assert all(p.grad is not None for p in block.parameters()) and h.grad is not None
+
+
+def _per_expert_stage(h, weight, norm, expert_of_token, experts: int):
+    """A stage in the style of a per-expert loop (an expert without tokens runs nothing), so the
+    autograd graph's structure follows the routing: a norm weight, then one matmul per busy expert."""
+    x = h * norm
+    out = torch.zeros_like(x)
+    for e, w in enumerate(weight.unbind(0)[:experts]):
+        rows = (expert_of_token == e).nonzero().squeeze(1)
+        if rows.numel():
+            out = out.index_add(0, rows, x[rows] @ w)
+    return out.tanh().sum()
+
+
+def _split_against_whole(params, routing, seed: int) -> None:
+    """B then W on `_per_expert_stage` gives the whole backward's gradients, exactly."""
+    h = torch.randn(len(routing), 8, generator=torch.Generator().manual_seed(seed))
+    grads = []
+    for split in (False, True):
+        for p in params:
+            p.grad = None
+        h_in = h.clone().requires_grad_()
+        loss = _per_expert_stage(h_in, *params, routing, experts=4)
+        if split:
+            h_grad, pending = backward_input(loss, None, h_in)
+            backward_weight(pending)
+        else:
+            loss.backward()
+            h_grad = h_in.grad
+        grads.append([h_grad, *(p.grad for p in params)])
+    for got, ref in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_graph_analysis_is_cached_by_structure_and_redone_when_it_differs():
+    from parallel.pipeline.backward_split import _plan
+
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(4, 8, 8, generator=gen).requires_grad_(), torch.randn(8, generator=gen).requires_grad_()]
+    all_busy = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    _plan.cache_clear()
+    _split_against_whole(params, all_busy, seed=0)
+    assert (_plan.cache_info().hits, _plan.cache_info().misses) == (0, 1)
+    # Another micro-batch: other tokens, other values, the same graph structure: the analysis is reused.
+    _split_against_whole(params, torch.tensor([3, 2, 1, 0, 3, 2, 1, 0]), seed=1)
+    assert (_plan.cache_info().hits, _plan.cache_info().misses) == (1, 1)
+    # Other tokens per expert (expert 2 gets none, so its matmul is not in the graph): another
+    # structure, analysed afresh; a last micro-batch with fewer tokens but every expert busy has the
+    # same structure (other shapes only: the analysis does not depend on them) and reuses it.
+    _split_against_whole(params, torch.tensor([0, 1, 1, 3, 0, 1, 3, 3]), seed=2)
+    assert (_plan.cache_info().hits, _plan.cache_info().misses) == (1, 2)
+    _split_against_whole(params, torch.tensor([0, 1, 2, 3, 0, 1]), seed=3)
+    _split_against_whole(params, torch.tensor([0, 0, 0, 0]), seed=4)  # one expert only: another structure
+    assert (_plan.cache_info().hits, _plan.cache_info().misses) == (2, 3)
+    # Each cached analysis is found again by its own structure only.
+    _split_against_whole(params, torch.tensor([1, 1, 0, 3, 0, 1, 3, 3]), seed=5)
+    _split_against_whole(params, all_busy, seed=6)
+    _split_against_whole(params, torch.tensor([0, 0]), seed=7)
+    assert (_plan.cache_info().hits, _plan.cache_info().misses) == (5, 3)
+    # One busy expert again, but another one: the same nodes, one edge elsewhere (the unbind's slot).
+    _split_against_whole(params, torch.tensor([2, 2]), seed=8)
+    assert (_plan.cache_info().hits, _plan.cache_info().misses) == (5, 4)
+
+
+def test_a_stage_output_straight_out_of_a_matmul_keeps_its_weight_gradient():
+    """The output's own node is a fork: what reaches it (the output's gradient) is kept for W too."""
+    gen = torch.Generator().manual_seed(3)
+    w, norm = torch.randn(8, 8, generator=gen, requires_grad=True), torch.randn(8, generator=gen, requires_grad=True)
+    h, grad = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    results = []
+    for split in (False, True):
+        w.grad = norm.grad = None
+        h_in = h.clone().requires_grad_()
+        out = (h_in * norm) @ w
+        if split:
+            h_grad, pending = backward_input(out, grad, h_in)
+            assert w.grad is None and norm.grad is None
+            backward_weight(pending)
+        else:
+            out.backward(grad)
+            h_grad = h_in.grad
+        results.append([h_grad, w.grad, norm.grad])
+    for got, ref in zip(*reversed(results), strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)

@@ -1,6 +1,6 @@
 """Runs one rank's action list (parallel/pipeline/actions.py) on its stages: a forward keeps its
-input and output for the backward, activations and their gradients travel by isend/irecv on the
-pipeline group (one tag per tensor), and the last stage calls the loss. Everything is keyed by
+input and output for the backward, activations and their gradients travel point to point on the
+pipeline group, and the last stage calls the loss. Everything is keyed by
 (direction, stage, micro-batch): DualPipe's two model copies each have a last stage.
 
 BW runs a stage's whole backward. B computes only the gradient of the stage's input and W, later,
@@ -14,10 +14,19 @@ to it (time.perf_counter seconds); `a2a_times` holds the last step's all-to-all 
 FSDP2 reduces gradients once per step, after the last B/W/BW: during the step every unit keeps its
 gradients (and stays unsharded after a backward, so a W finds its weights as B left them), and
 step() ends with each unit's reduce-scatter (parallel/compat.py, as torch's PipelineStage does).
+
+Messages: each run of consecutive SEND/RECV actions is posted as one batch (batch_isend_irecv: one
+NCCL group), its receives waited for only when a compute action needs their tensor. The schedule
+posts each receive in the batch of its send and, between two ranks, receives tensors in the order
+they were sent (schedules.py), so NCCL, which has no tags and matches by order, gets the right
+tensor. Each tensor has its own tag all the same (gloo checks them); `one_tag` (or the environment
+variable MOE_PP_ONE_TAG=1) sends every message with tag 0, as NCCL sees them: the tests' proof
+that the order alone matches them.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -53,6 +62,7 @@ class PipelineRuntime:
         hidden_dim: int,
         units: dict[int, Sequence[nn.Module]],
         overlap: bool = False,
+        one_tag: bool | None = None,
     ):
         self.schedule, self.pp_rank, self.group = schedule, pp_rank, pp_group
         self.stage_fn, self.loss_fn, self.hidden_dim = stage_fn, loss_fn, hidden_dim
@@ -67,13 +77,16 @@ class PipelineRuntime:
         self.stage_units = units
         self.units = list({id(unit): unit for stage in sorted(units) for unit in units[stage]}.values())
         self.overlap = overlap
+        self.one_tag = os.environ.get("MOE_PP_ONE_TAG", "0") == "1" if one_tag is None else one_tag
         self.a2a_times = AllToAllTimes()  # the last step's expert all-to-alls, this rank
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
         self.timings: list[tuple[Action, float, float]] | None = None
 
     def _tag(self, kind: Kind, direction: int, stage: int, microbatch: int) -> int:
         """One tag per tensor: model copy, the boundary it crosses (between stage b and b+1),
-        micro-batch, way."""
+        micro-batch, way; 0 for every tensor with `one_tag`."""
+        if self.one_tag:
+            return 0
         boundary = stage if kind in (Kind.SEND_F, Kind.RECV_B) else stage - 1
         backward = kind in (Kind.SEND_B, Kind.RECV_B)
         crossing = direction * self.schedule.num_stages + boundary
@@ -98,45 +111,82 @@ class PipelineRuntime:
         self.handover: dict[tuple[int, int, int], torch.Tensor] = {}  # output for the next stage, same rank
         self.pending_weights: dict[tuple[int, int, int], PendingWeightGradients] = {}  # B done, its W not yet
         defer_fsdp_gradient_reduction(self.units)
-        sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self.sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self.pending: dict[tuple[Kind, int, int, int], tuple[Action, dist.Work, int]] = {}  # posted receives
         TIMES.reset()
-        for action in self.actions:
-            kind, key = action.kind, action.chunk
-            if kind in (Kind.RECV_F, Kind.RECV_B):
-                start = time.perf_counter() if self.timings is not None else 0.0
-                buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
-                dist.irecv(buf, src=self.global_rank[action.peer], group=self.group, tag=self._tag(kind, *key)).wait()
-                self.received[(kind, *key)] = buf
-                if self.timings is not None:  # receives are timed too: the bench splits waiting from messaging
-                    self.timings.append((action, start, time.perf_counter()))
-            elif kind in (Kind.SEND_F, Kind.SEND_B):
-                if kind is Kind.SEND_F:
-                    tensor = self.outputs[key].detach().to(WIRE_DTYPE)
+        batch: list[Action] = []
+        for action in [*self.actions, None]:
+            if action is not None and not action.is_compute:
+                batch.append(action)
+                continue
+            if batch:
+                self._post(batch)
+                batch = []
+            if action is None:
+                break
+            self._wait_for_inputs(action)
+            start = time.perf_counter() if self.timings is not None else 0.0
+            overlapped = action.kind is Kind.FB and self.overlap
+            if overlapped:
+                self._forward_and_backward(action)
+            for part in () if overlapped else action.parts():
+                if part.kind is Kind.F:
+                    self._forward(*part.chunk)
+                elif part.kind is Kind.W:
+                    backward_weight(self.pending_weights.pop(part.chunk))
+                    fold_fsdp_gradients(self.stage_units.get(part.stage, ()))
                 else:
-                    tensor = self.input_grads.pop(key).to(WIRE_DTYPE)
-                tag = self._tag(kind, *key)
-                sends.append((dist.isend(tensor, dst=self.global_rank[action.peer], group=self.group, tag=tag), tensor))
-            else:
-                start = time.perf_counter() if self.timings is not None else 0.0
-                overlapped = kind is Kind.FB and self.overlap
-                if overlapped:
-                    self._forward_and_backward(action)
-                for part in () if overlapped else action.parts():
-                    if part.kind is Kind.F:
-                        self._forward(*part.chunk)
-                    elif part.kind is Kind.W:
-                        backward_weight(self.pending_weights.pop(part.chunk))
-                        fold_fsdp_gradients(self.stage_units.get(part.stage, ()))
-                    else:
-                        self._backward(*part.chunk, split=part.kind is Kind.B)
-                if self.timings is not None:
-                    self.timings.append((action, start, time.perf_counter()))
-        for work, _ in sends:
+                    self._backward(*part.chunk, split=part.kind is Kind.B)
+            if self.timings is not None:
+                self.timings.append((action, start, time.perf_counter()))
+        for work, _ in self.sends:
             work.wait()
+        self.sends = []
         reduce_fsdp_gradients(self.units)  # every B, W and BW of the step is done
         self.a2a_times = TIMES.snapshot()
-        if self.inputs or self.outputs or self.received or self.input_grads or self.handover or self.pending_weights:
+        leftover = self.pending or self.received or self.input_grads or self.handover or self.pending_weights
+        if self.inputs or self.outputs or leftover:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: the step left unconsumed tensors")
+
+    def _post(self, batch: list[Action]) -> None:
+        """Post a run of SEND/RECV actions as one batch; the receives are waited for by
+        `_wait_for_inputs`, the sends at the end of the step."""
+        ops, posted = [], time.perf_counter()
+        for action in batch:
+            kind, key, peer = action.kind, action.chunk, self.global_rank[action.peer]
+            if kind is Kind.SEND_F:
+                tensor, op = self.outputs[key].detach().to(WIRE_DTYPE), dist.isend
+            elif kind is Kind.SEND_B:
+                tensor, op = self.input_grads.pop(key).to(WIRE_DTYPE), dist.isend
+            else:
+                tensor, op = (
+                    torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device()),
+                    dist.irecv,
+                )
+                self.received[(kind, *key)] = tensor
+            ops.append(dist.P2POp(op, tensor, peer, self.group, self._tag(kind, *key)))
+        works = dist.batch_isend_irecv(ops)
+        if len(works) != len(ops):  # coalesced (NCCL): one work for the whole group
+            works = works * len(ops)
+        for action, op, work in zip(batch, ops, works, strict=True):
+            if op.op is dist.isend:
+                self.sends.append((work, op.tensor))
+            else:
+                if self.timings is not None:  # a placeholder in action-list order; its wait fills it in
+                    self.timings.append((action, posted, posted))
+                self.pending[(action.kind, *action.chunk)] = (action, work, len(self.timings or ()) - 1)
+
+    def _wait_for_inputs(self, action: Action) -> None:
+        """Wait for the received tensors `action` computes on (timed as the receive's span)."""
+        for part in action.parts():
+            kind = Kind.RECV_F if part.kind is Kind.F else Kind.RECV_B if part.kind in (Kind.B, Kind.BW) else None
+            if kind is None or (kind, *part.chunk) not in self.pending:
+                continue
+            recv, work, index = self.pending.pop((kind, *part.chunk))
+            start = time.perf_counter()
+            work.wait()
+            if self.timings is not None:  # receives are timed too: the bench splits waiting from messaging
+                self.timings[index] = (recv, start, time.perf_counter())
 
     def _device(self) -> torch.device:
         return self.tokens[0].device
@@ -210,12 +260,13 @@ class PipelineRuntime:
             if rank != self.pp_rank:
                 if prev == self.pp_rank and h is not None:  # hand this rank's output on
                     tensor = h.to(WIRE_DTYPE)
-                    sends.append(dist.isend(tensor, dst=self.global_rank[rank], group=self.group, tag=stage))
+                    tag = 0 if self.one_tag else stage
+                    sends.append(dist.isend(tensor, dst=self.global_rank[rank], group=self.group, tag=tag))
                 h = None
                 continue
             if stage > 0 and prev != self.pp_rank:
                 h = torch.empty(shape, dtype=WIRE_DTYPE, device=tokens_BS.device)
-                dist.recv(h, src=self.global_rank[prev], group=self.group, tag=stage)
+                dist.recv(h, src=self.global_rank[prev], group=self.group, tag=0 if self.one_tag else stage)
             h = self.stage_fn(stage, tokens_BS, h)
         for work in sends:
             work.wait()

@@ -194,8 +194,17 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
                 f"expected {len(actions)} (compute and receives in action-list order)"
             )
         spans = {a: (s, e) for a, (_, s, e) in zip(actions, run["spans"], strict=True)}
-        last_end, posted = t0, 0
+        # In time order: the runtime waits for a receive where a compute action needs its tensor
+        # (posted earlier, with its batch); each send follows the compute action it sends from.
+        sends_after: dict[Action, list[Action]] = {}
         for a in schedule.actions[rank]:
+            if a.is_compute:
+                last_compute = a
+            elif a.kind in (Kind.SEND_F, Kind.SEND_B):
+                sends_after.setdefault(last_compute, []).append(a)
+        actions = sorted(actions, key=lambda a: spans[a][0])
+        last_end, posted = t0, 0
+        for a in [x for a in actions for x in (a, *sends_after.get(a, ()))]:
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 sends.append((message(rank, a), last_end, posted))
                 posted += 1

@@ -63,6 +63,7 @@ class PipelineRuntime:
         units: dict[int, Sequence[nn.Module]],
         overlap: bool = False,
         one_tag: bool | None = None,
+        recv_lookahead: int | None = None,
     ):
         self.schedule, self.pp_rank, self.group = schedule, pp_rank, pp_group
         self.stage_fn, self.loss_fn, self.hidden_dim = stage_fn, loss_fn, hidden_dim
@@ -78,6 +79,12 @@ class PipelineRuntime:
         self.units = list({id(unit): unit for stage in sorted(units) for unit in units[stage]}.values())
         self.overlap = overlap
         self.one_tag = os.environ.get("MOE_PP_ONE_TAG", "0") == "1" if one_tag is None else one_tag
+        if recv_lookahead is None:  # gloo only: posting a receive early reorders an NCCL pair's stream
+            gloo = dist.get_backend(pp_group) == "gloo"
+            recv_lookahead = int(os.environ.get("MOE_PP_RECV_LOOKAHEAD", "1")) if gloo else 0
+        if recv_lookahead < 0:
+            raise ValueError(f"recv_lookahead={recv_lookahead}: must be >= 0 (compute actions ahead)")
+        self.recv_lookahead = recv_lookahead
         self.a2a_times = AllToAllTimes()  # the last step's expert all-to-alls, this rank
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
         self.timings: list[tuple[Action, float, float]] | None = None
@@ -114,8 +121,9 @@ class PipelineRuntime:
         self.sends: list[tuple[dist.Work, torch.Tensor]] = []
         self.pending: dict[tuple[Kind, int, int, int], tuple[Action, dist.Work, int]] = {}  # posted receives
         TIMES.reset()
+        self.ahead = 0  # the action-list index up to which receives were posted ahead
         batch: list[Action] = []
-        for action in [*self.actions, None]:
+        for index, action in enumerate([*self.actions, None]):
             if action is not None and not action.is_compute:
                 batch.append(action)
                 continue
@@ -124,6 +132,7 @@ class PipelineRuntime:
                 batch = []
             if action is None:
                 break
+            self._post_receives_ahead(index)
             self._wait_for_inputs(action)
             start = time.perf_counter() if self.timings is not None else 0.0
             overlapped = action.kind is Kind.FB and self.overlap
@@ -151,9 +160,12 @@ class PipelineRuntime:
     def _post(self, batch: list[Action]) -> None:
         """Post a run of SEND/RECV actions as one batch; the receives are waited for by
         `_wait_for_inputs`, the sends at the end of the step."""
-        ops, posted = [], time.perf_counter()
+        ops, posted, ahead = [], time.perf_counter(), []
         for action in batch:
             kind, key, peer = action.kind, action.chunk, self.global_rank[action.peer]
+            if (kind, *key) in self.pending:  # posted ahead: its placeholder comes in action-list order
+                ahead.append(action)
+                continue
             if kind is Kind.SEND_F:
                 tensor, op = self.outputs[key].detach().to(WIRE_DTYPE), dist.isend
             elif kind is Kind.SEND_B:
@@ -165,16 +177,43 @@ class PipelineRuntime:
                 )
                 self.received[(kind, *key)] = tensor
             ops.append(dist.P2POp(op, tensor, peer, self.group, self._tag(kind, *key)))
+        for action in ahead:
+            if self.timings is not None:
+                self.timings.append((action, posted, posted))
+            recv, work, _ = self.pending[(action.kind, *action.chunk)]
+            self.pending[(action.kind, *action.chunk)] = (recv, work, len(self.timings or ()) - 1)
+        if not ops:
+            return
         works = dist.batch_isend_irecv(ops)
         if len(works) != len(ops):  # coalesced (NCCL): one work for the whole group
             works = works * len(ops)
-        for action, op, work in zip(batch, ops, works, strict=True):
+        posted_ops = [a for a in batch if a not in ahead]
+        for action, op, work in zip(posted_ops, ops, works, strict=True):
             if op.op is dist.isend:
                 self.sends.append((work, op.tensor))
             else:
                 if self.timings is not None:  # a placeholder in action-list order; its wait fills it in
                     self.timings.append((action, posted, posted))
                 self.pending[(action.kind, *action.chunk)] = (action, work, len(self.timings or ()) - 1)
+
+    def _post_receives_ahead(self, index: int) -> None:
+        """Before the compute action at `index`: post every receive of the action list up to the
+        `recv_lookahead`-th compute action after it (each on its own, in list order), so that gloo,
+        which moves a tensor only once its receive is posted, moves it while this rank computes."""
+        if not self.recv_lookahead:
+            return
+        end, computes = max(self.ahead, index + 1), 0
+        while end < len(self.actions) and computes < self.recv_lookahead:
+            action = self.actions[end]
+            computes += action.is_compute
+            if action.kind in (Kind.RECV_F, Kind.RECV_B):
+                key = (action.kind, *action.chunk)
+                buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
+                self.received[key] = buf
+                work = dist.irecv(buf, src=self.global_rank[action.peer], group=self.group, tag=self._tag(*key))
+                self.pending[key] = (action, work, -1)
+            end += 1
+        self.ahead = end
 
     def _wait_for_inputs(self, action: Action) -> None:
         """Wait for the received tensors `action` computes on (timed as the receive's span)."""

@@ -22,7 +22,7 @@ def _loss(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (out**2).mean()  # its gradient differs per micro-batch: a swapped one shows
 
 
-def _run(rank: int, world: int, name: str, microbatches: int, one_tag: bool, swap: bool) -> dict:
+def _run(rank: int, world: int, name: str, microbatches: int, one_tag: bool, swap: bool, lookahead: int) -> dict:
     """One step of `name` on a chain of tanh stages; -> how many stage inputs were another
     micro-batch's, and whether the summed weight gradients equal the whole chain's on one rank."""
     schedule = build_schedule(name, world, microbatches)
@@ -43,7 +43,9 @@ def _run(rank: int, world: int, name: str, microbatches: int, one_tag: bool, swa
             wrong.append(not torch.equal(h, expected))
         return _stage(weights, stage, tokens, h)
 
-    runtime = PipelineRuntime(schedule, rank, dist.group.WORLD, stage_fn, _loss, DIM, {}, one_tag=one_tag)
+    runtime = PipelineRuntime(
+        schedule, rank, dist.group.WORLD, stage_fn, _loss, DIM, {}, one_tag=one_tag, recv_lookahead=lookahead
+    )
     runtime.step(batches)
     grads = torch.stack([w.grad if w.grad is not None else torch.zeros(DIM) for w in weights])
     dist.all_reduce(grads)
@@ -63,11 +65,12 @@ def _run_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
 
 def test_one_tag_for_all_messages_matches_each_tensor():
     """Every tensor reaches its micro-batch with one tag (1f1b, interleaved, dualpipev, dualpipe
-    at pp=2), and the one-tag runtime checks the order for real: a schedule that receives out of
-    send order is right with a tag per tensor and gives each micro-batch the other's activation
-    with one tag."""
-    sound = [("1f1b", 4), ("interleaved_1f1b", 4), ("dualpipev", 4), ("dualpipe", 4)]
-    cases = [(name, n, True, False) for name, n in sound] + [("gpipe", 2, False, True), ("gpipe", 2, True, True)]
+    at pp=2), its receive posted with its batch or 1 or 3 compute actions ahead; and the one-tag
+    runtime checks the order for real: a schedule that receives out of send order is right with
+    a tag per tensor and gives each micro-batch the other's activation with one tag."""
+    sound = [("1f1b", 4, 1), ("interleaved_1f1b", 4, 0), ("dualpipev", 4, 3), ("dualpipe", 4, 1), ("dualpipev", 6, 0)]
+    cases = [(name, n, True, False, ahead) for name, n, ahead in sound]
+    cases += [("gpipe", 2, False, True, 0), ("gpipe", 2, True, True, 0)]
     results = run_ranks(_run_cases, 2, cases, timeout_s=120)
     for rank in results:
         for case, result in zip(cases[: len(sound)], rank, strict=False):

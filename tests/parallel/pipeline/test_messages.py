@@ -2,6 +2,7 @@
 messages by order): each stage gets its own micro-batch's activation and gradient on 2 gloo
 ranks, and the whole model trains as one process does (dualpipev, dualpipe, 1f1b at pp=2)."""
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -9,6 +10,7 @@ from torch import nn
 from parallel.pipeline import Action, Kind, build_schedule
 from parallel.pipeline.runtime import PipelineRuntime
 from scripts.benchlib import run_ranks
+from tests.parallel.test_pipeline_parity import LAYOUTS, run
 
 DIM, SEQ = 4, 3
 
@@ -78,3 +80,26 @@ def test_one_tag_for_all_messages_matches_each_tensor():
     tagged, one_tag = results[1][-2], results[1][-1]  # rank 1 receives
     assert tagged == {"wrong": 0, "grads_match": True}
     assert one_tag["wrong"] == 2 and not one_tag["grads_match"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("ref"), 1, [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["1f1b pp=2", "dualpipev pp=2", "dualpipe pp=2"])
+def test_the_model_trains_as_one_process_with_one_tag(name, one_process, tmp_path, monkeypatch):
+    """The whole model, 3 steps, every message on tag 0 (the spawned ranks inherit the variable):
+    losses, gradient norms and final weights as test_pipeline_parity.py checks them."""
+    world, model, parallel = LAYOUTS[name]
+    assert model == [] and world == 2
+    monkeypatch.setenv("MOE_PP_ONE_TAG", "1")
+    got = run(tmp_path, world, parallel)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one_process["losses"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(got["grad_norms"]), torch.tensor(one_process["grad_norms"]), rtol=1e-5, atol=0
+    )
+    assert got["state"].keys() == one_process["state"].keys()
+    for key, ref in one_process["state"].items():
+        torch.testing.assert_close(got["state"][key], ref, rtol=1e-5, atol=2e-5, msg=lambda m, k=key: f"{k}: {m}")

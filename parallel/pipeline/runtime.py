@@ -9,7 +9,8 @@ stage, which has no input gradient, B computes nothing and W the whole backward)
 F&B runs its forward and its backward (a BW) interleaved at their expert all-to-alls, each one's
 all-to-all in flight while the other computes (parallel/pipeline/overlap.py); without, one after
 the other. With `timings` set to a list, each compute action's (action, start, end) is appended
-to it (time.perf_counter seconds); `a2a_times` holds the last step's all-to-all times.
+to it (time.perf_counter seconds), and each receive's wait, in action-list order; `a2a_times`
+holds the last step's all-to-all times.
 
 FSDP2 reduces gradients once per step, after the last B/W/BW: during the step every unit keeps its
 gradients (and stays unsharded after a backward, so a W finds its weights as B left them), and
@@ -21,7 +22,10 @@ posts each receive in the batch of its send and, between two ranks, receives ten
 they were sent (schedules.py), so NCCL, which has no tags and matches by order, gets the right
 tensor. Each tensor has its own tag all the same (gloo checks them); `one_tag` (or the environment
 variable MOE_PP_ONE_TAG=1) sends every message with tag 0, as NCCL sees them: the tests' proof
-that the order alone matches them.
+that the order alone matches them. gloo moves a tensor only once its receive is posted, so on gloo
+the receives of the next `recv_lookahead` compute actions (MOE_PP_RECV_LOOKAHEAD, default 1) are
+posted before a compute action runs, in list order; on NCCL none are (posted early, a receive
+would stand on its pair's stream ahead of sends the schedule put before it).
 """
 
 from __future__ import annotations

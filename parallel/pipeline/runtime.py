@@ -189,8 +189,10 @@ class PipelineRuntime:
         if not ops:
             return
         works = dist.batch_isend_irecv(ops)
-        if len(works) != len(ops):  # coalesced (NCCL): one work for the whole group
+        if len(works) == 1:  # coalesced (NCCL): one work for the whole group
             works = works * len(ops)
+        if len(works) != len(ops):
+            raise RuntimeError(f"batch_isend_irecv returned {len(works)} works for {len(ops)} operations")
         posted_ops = [a for a in batch if a not in ahead]
         for action, op, work in zip(posted_ops, ops, works, strict=True):
             if op.op is dist.isend:

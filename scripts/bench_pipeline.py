@@ -204,7 +204,7 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
                 sends_after.setdefault(last_compute, []).append(a)
         actions = sorted(actions, key=lambda a: spans[a][0])
         last_end, posted = t0, 0
-        for a in [x for a in actions for x in (a, *sends_after.get(a, ()))]:
+        for a in [x for y in actions for x in (y, *sends_after.get(y, ()))]:
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 sends.append((message(rank, a), last_end, posted))
                 posted += 1
@@ -248,6 +248,7 @@ def message_costs(split: list[dict]) -> tuple[Durations, float]:
     # that, not by the latency.
     clean = [latency for head_start, latency in waited if head_start >= recv]
     comm = statistics.fmean(clean or [latency for _, latency in waited]) if waited else 0.0
+    comm = max(0.0, comm)  # a receive posted ahead may return before the send's estimated posting
     return Durations(comm=comm, send=send, recv=recv), len(late) / max(1, len(late) + len(waited))
 
 

@@ -9,8 +9,8 @@ stage, which has no input gradient, B computes nothing and W the whole backward)
 F&B runs its forward and its backward (a BW) interleaved at their expert all-to-alls, each one's
 all-to-all in flight while the other computes (parallel/pipeline/overlap.py); without, one after
 the other. With `timings` set to a list, each compute action's (action, start, end) is appended
-to it (time.perf_counter seconds), and each receive's wait, in action-list order; `a2a_times`
-holds the last step's all-to-all times.
+to it (time.perf_counter seconds), and each receive's (action, posted, waited from, returned), in
+action-list order; `a2a_times` holds the last step's all-to-all times.
 
 FSDP2 reduces gradients once per step, after the last B/W/BW: during the step every unit keeps its
 gradients (and stays unsharded after a backward, so a W finds its weights as B left them), and
@@ -91,7 +91,7 @@ class PipelineRuntime:
         self.recv_lookahead = recv_lookahead
         self.a2a_times = AllToAllTimes()  # the last step's expert all-to-alls, this rank
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
-        self.timings: list[tuple[Action, float, float]] | None = None
+        self.timings: list[tuple[Action, float, float] | tuple[Action, float, float, float]] | None = None
 
     def _tag(self, kind: Kind, direction: int, stage: int, microbatch: int) -> int:
         """One tag per tensor: model copy, the boundary it crosses (between stage b and b+1),
@@ -123,7 +123,7 @@ class PipelineRuntime:
         self.pending_weights: dict[tuple[int, int, int], PendingWeightGradients] = {}  # B done, its W not yet
         defer_fsdp_gradient_reduction(self.units)
         self.sends: list[tuple[dist.Work, torch.Tensor]] = []
-        self.pending: dict[tuple[Kind, int, int, int], tuple[Action, dist.Work, int]] = {}  # posted receives
+        self.pending: dict[tuple[Kind, int, int, int], tuple[Action, dist.Work, int, float]] = {}  # posted receives
         TIMES.reset()
         self.ahead = 0  # the action-list index up to which receives were posted ahead
         batch: list[Action] = []
@@ -184,8 +184,8 @@ class PipelineRuntime:
         for action in ahead:
             if self.timings is not None:
                 self.timings.append((action, posted, posted))
-            recv, work, _ = self.pending[(action.kind, *action.chunk)]
-            self.pending[(action.kind, *action.chunk)] = (recv, work, len(self.timings or ()) - 1)
+            recv, work, _, at = self.pending[(action.kind, *action.chunk)]
+            self.pending[(action.kind, *action.chunk)] = (recv, work, len(self.timings or ()) - 1, at)
         if not ops:
             return
         works = dist.batch_isend_irecv(ops)
@@ -200,7 +200,7 @@ class PipelineRuntime:
             else:
                 if self.timings is not None:  # a placeholder in action-list order; its wait fills it in
                     self.timings.append((action, posted, posted))
-                self.pending[(action.kind, *action.chunk)] = (action, work, len(self.timings or ()) - 1)
+                self.pending[(action.kind, *action.chunk)] = (action, work, len(self.timings or ()) - 1, posted)
 
     def _post_receives_ahead(self, index: int) -> None:
         """Before the compute action at `index`: post every receive of the action list up to the
@@ -217,21 +217,21 @@ class PipelineRuntime:
                 buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
                 self.received[key] = buf
                 work = dist.irecv(buf, src=self.global_rank[action.peer], group=self.group, tag=self._tag(*key))
-                self.pending[key] = (action, work, -1)
+                self.pending[key] = (action, work, -1, time.perf_counter())
             end += 1
         self.ahead = end
 
     def _wait_for_inputs(self, action: Action) -> None:
-        """Wait for the received tensors `action` computes on (timed as the receive's span)."""
+        """Wait for the received tensors `action` computes on (a receive is timed from its posting)."""
         for part in action.parts():
             kind = Kind.RECV_F if part.kind is Kind.F else Kind.RECV_B if part.kind in (Kind.B, Kind.BW) else None
             if kind is None or (kind, *part.chunk) not in self.pending:
                 continue
-            recv, work, index = self.pending.pop((kind, *part.chunk))
-            start = time.perf_counter()
+            recv, work, index, posted = self.pending.pop((kind, *part.chunk))
+            waited_from = time.perf_counter()
             work.wait()
-            if self.timings is not None:  # receives are timed too: the bench splits waiting from messaging
-                self.timings[index] = (recv, start, time.perf_counter())
+            if self.timings is not None:  # the bench splits waiting from messaging
+                self.timings[index] = (recv, posted, waited_from, time.perf_counter())
 
     def _device(self) -> torch.device:
         return self.tokens[0].device

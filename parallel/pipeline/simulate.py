@@ -59,12 +59,14 @@ class Span:
     start: float
     end: float
     action: Action
+    waited_from: float | None = None  # a receive: when its rank began waiting for it
 
 
 @dataclass(frozen=True)
 class Timeline:
     """The simulated step: compute spans per rank (in order), step time, idle time per rank;
-    `receives`: each receive's span per rank, from its posting to its return."""
+    `receives`: each receive's span per rank, from its posting to its return (when the compute
+    action that needs its tensor had it), in action-list order."""
 
     schedule: PipelineSchedule
     durations: Durations
@@ -109,7 +111,7 @@ def simulate(
     arrival: dict[tuple, float] = {}
     spans: dict[int, list[Span]] = {r: [] for r in ops}
     receives: dict[int, list[Span]] = {r: [] for r in ops}
-    posted: dict[tuple, tuple[float, Action]] = {}  # (rank, kind, chunk) -> receive not yet waited for
+    posted: dict[tuple, tuple[float, Action, int]] = {}  # (rank, kind, chunk) -> receive not yet waited for
 
     def advance(rank: int, pos: Mapping[int, int]) -> int:
         action = ops[rank][pos[rank]]
@@ -117,7 +119,8 @@ def simulate(
             arrival[message(rank, action)] = clock[rank] + durations.comm
             clock[rank] += durations.send
         elif action.kind in (Kind.RECV_F, Kind.RECV_B):
-            posted[(rank, action.kind, action.chunk)] = (clock[rank], action)
+            posted[(rank, action.kind, action.chunk)] = (clock[rank], action, len(receives[rank]))
+            receives[rank].append(Span(clock[rank], clock[rank], action))  # its wait fills it in
         else:
             waits = [
                 (rank, Kind.RECV_F if part.kind is Kind.F else Kind.RECV_B, part.chunk)
@@ -128,10 +131,10 @@ def simulate(
             if any(message(rank, posted[w][1]) not in arrival for w in waits):
                 return 0
             for w in waits:
-                start, recv = posted.pop(w)
-                end = max(start + durations.recv, arrival[message(rank, recv)])
-                receives[rank].append(Span(start, end, recv))
-                clock[rank] = max(clock[rank], end)
+                start, recv, index = posted.pop(w)
+                end = max(start + durations.recv, arrival[message(rank, recv)], clock[rank])
+                receives[rank][index] = Span(start, end, recv, waited_from=clock[rank])
+                clock[rank] = end
             end = clock[rank] + time_of(rank, action)
             spans[rank].append(Span(clock[rank], end, action))
             clock[rank] = end

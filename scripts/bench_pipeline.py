@@ -196,6 +196,7 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
         # a compute action's (start, end); a receive's (posted, waited from, returned)
         times = {a: tuple(entry[1:]) for a, entry in zip(actions, run["spans"], strict=True)}
         spans = {a: (t[-2], t[-1]) for a, t in times.items()}  # a receive: the time the rank waited for it
+        compute_starts = [spans[a][0] for a in actions if a.is_compute]
         # In time order: the runtime waits for a receive where a compute action needs its tensor
         # (posted earlier, with its batch); each send follows the compute action it sends from.
         sends_after: dict[Action, list[Action]] = {}
@@ -218,7 +219,8 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
                 durations[(rank, a)] = spans[a][1] - spans[a][0]
             else:
                 posted, waited_from, returned = times[a]
-                receives.append((message(rank, a), posted, returned, waited_from))
+                at_once = not any(posted <= started <= waited_from for started in compute_starts)
+                receives.append((message(rank, a), posted, returned, waited_from, at_once))
         busy.append(sum(durations[(rank, a)] for a in actions if a.is_compute))
         receiving.append(sum(spans[a][1] - spans[a][0] for a in actions if not a.is_compute))
         between.append(spans[actions[-1]][1] - spans[actions[0]][0] - busy[-1] - receiving[-1])
@@ -234,17 +236,18 @@ def message_costs(split: list[dict]) -> tuple[Durations, float]:
     """-> the three message costs the simulator takes, from the steps' timestamps, and the share of
     late receives (posted after their tensor was sent). `send`: the gaps between a rank's recorded
     actions per send posted in them; `recv`, the mean time of a late receive that the rank waited
-    for from its posting on; `comm`, the mean time from a send's posting to the return of a
-    receive that was posted long enough before it to have finished its handshake and that the
-    rank was already waiting for (a receive whose rank computed meanwhile hides both costs)."""
+    for right after posting it (no compute action between); `comm`, the mean time from a send's
+    posting to the return of a receive that was posted long enough before it to have finished its
+    handshake and that the rank was already waiting for (a receive whose rank computed meanwhile
+    hides both costs)."""
     sends = sum(step["sends_between"] for step in split)
     send = sum(sum(step["between"]) for step in split) / sends if sends else 0.0
     late, waited = [], []
     for step in split:
         sent_at = {key: after + posted * send for key, after, posted in step["sends"]}
-        for key, start, end, waited_from in step["receives"]:
+        for key, start, end, waited_from, at_once in step["receives"]:
             if sent_at[key] <= start:
-                late.append(end - start if waited_from <= start else None)
+                late.append(end - start if at_once else None)
             else:
                 waited.append((sent_at[key] - start, end - sent_at[key] if waited_from <= sent_at[key] else None))
     seen = [t for t in late if t is not None]

@@ -135,7 +135,7 @@ def _measure(rank: int, world: int, cfg_yamls: dict[str, str], warmup: int, step
             trainer.forward_backward_step(batches)
             trainer.optimizer.zero_grad(set_to_none=True)
             if i >= warmup:
-                spans = [(str(a), s, e) for a, s, e in pipeline.timings]
+                spans = [(str(a), *times) for a, *times in pipeline.timings]
                 runs.append({"start": start, "end": returned[-1], "spans": spans})
         pipeline.timings = None
         results[name] = runs
@@ -187,15 +187,27 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
     durations, busy, receiving, between, sends, receives, inside, bare_gaps = {}, [], [], [], [], [], 0, []
     for rank, run in enumerate(runs):
         actions = recorded(schedule, rank)
-        names = [name for name, _, _ in run["spans"]]
+        names = [name for name, *_ in run["spans"]]
         if names != [str(a) for a in actions]:
             raise RuntimeError(
                 f"{schedule.name} rank {rank}: the timing hook recorded {len(names)} actions, "
                 f"expected {len(actions)} (compute and receives in action-list order)"
             )
-        spans = {a: (s, e) for a, (_, s, e) in zip(actions, run["spans"], strict=True)}
-        last_end, posted = t0, 0
+        # a compute action's (start, end); a receive's (posted, waited from, returned)
+        times = {a: tuple(entry[1:]) for a, entry in zip(actions, run["spans"], strict=True)}
+        spans = {a: (t[-2], t[-1]) for a, t in times.items()}  # a receive: the time the rank waited for it
+        compute_starts = [spans[a][0] for a in actions if a.is_compute]
+        # In time order: the runtime waits for a receive where a compute action needs its tensor
+        # (posted earlier, with its batch); each send follows the compute action it sends from.
+        sends_after: dict[Action, list[Action]] = {}
         for a in schedule.actions[rank]:
+            if a.is_compute:
+                last_compute = a
+            elif a.kind in (Kind.SEND_F, Kind.SEND_B):
+                sends_after.setdefault(last_compute, []).append(a)
+        actions = sorted(actions, key=lambda a: spans[a][0])
+        last_end, posted = t0, 0
+        for a in [x for y in actions for x in (y, *sends_after.get(y, ()))]:
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 sends.append((message(rank, a), last_end, posted))
                 posted += 1
@@ -206,7 +218,9 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
             if a.is_compute:
                 durations[(rank, a)] = spans[a][1] - spans[a][0]
             else:
-                receives.append((message(rank, a), *spans[a]))
+                posted, waited_from, returned = times[a]
+                at_once = not any(posted <= started <= waited_from for started in compute_starts)
+                receives.append((message(rank, a), posted, returned, waited_from, at_once))
         busy.append(sum(durations[(rank, a)] for a in actions if a.is_compute))
         receiving.append(sum(spans[a][1] - spans[a][0] for a in actions if not a.is_compute))
         between.append(spans[actions[-1]][1] - spans[actions[0]][0] - busy[-1] - receiving[-1])
@@ -220,25 +234,30 @@ def _split_step(schedule: PipelineSchedule, runs: list[dict]) -> dict:
 
 def message_costs(split: list[dict]) -> tuple[Durations, float]:
     """-> the three message costs the simulator takes, from the steps' timestamps, and the share of
-    late receives. `send`: the gaps
-    between a rank's recorded actions per send posted in them; `recv`, the mean time of a receive
-    posted after its tensor was sent (late); `comm`, the mean time from a send's posting to the
-    return of a receive that was posted long enough before it to have finished its handshake."""
+    late receives (posted after their tensor was sent). `send`: the gaps between a rank's recorded
+    actions per send posted in them; `recv`, the mean time of a late receive that the rank waited
+    for right after posting it (no compute action between); `comm`, the mean time from a send's
+    posting to the return of a receive that was posted long enough before it to have finished its
+    handshake and that the rank was already waiting for (a receive whose rank computed meanwhile
+    hides both costs)."""
     sends = sum(step["sends_between"] for step in split)
     send = sum(sum(step["between"]) for step in split) / sends if sends else 0.0
     late, waited = [], []
     for step in split:
         sent_at = {key: after + posted * send for key, after, posted in step["sends"]}
-        for key, start, end in step["receives"]:
+        for key, start, end, waited_from, at_once in step["receives"]:
             if sent_at[key] <= start:
-                late.append(end - start)
+                late.append(end - start if at_once else None)
             else:
-                waited.append((sent_at[key] - start, end - sent_at[key]))
-    recv = statistics.fmean(late) if late else 0.0
+                waited.append((sent_at[key] - start, end - sent_at[key] if waited_from <= sent_at[key] else None))
+    seen = [t for t in late if t is not None]
+    recv = statistics.fmean(seen) if seen else 0.0
     # A receive posted less than `recv` before its send may still be in its handshake: bounded by
     # that, not by the latency.
-    clean = [latency for head_start, latency in waited if head_start >= recv]
-    comm = statistics.fmean(clean or [latency for _, latency in waited]) if waited else 0.0
+    seen = [(head_start, latency) for head_start, latency in waited if latency is not None]
+    clean = [latency for head_start, latency in seen if head_start >= recv]
+    comm = statistics.fmean(clean or [latency for _, latency in seen]) if seen else 0.0
+    comm = max(0.0, comm)  # a receive posted ahead may return before the send's estimated posting
     return Durations(comm=comm, send=send, recv=recv), len(late) / max(1, len(late) + len(waited))
 
 
@@ -247,7 +266,7 @@ def _oversubscribed_share(runs: list[dict], schedule: PipelineSchedule, cores: i
     t0, t1 = max(run["start"] for run in runs), max(run["end"] for run in runs)
     edges = []
     for rank, run in enumerate(runs):
-        for action, (_, s, e) in zip(recorded(schedule, rank), run["spans"], strict=True):
+        for action, (_, *_, s, e) in zip(recorded(schedule, rank), run["spans"], strict=True):
             if action.is_compute:
                 edges += [(s, 1), (e, -1)]
     over, active, last = 0.0, 0, t0

@@ -1,6 +1,6 @@
 """Runs one rank's action list (parallel/pipeline/actions.py) on its stages: a forward keeps its
-input and output for the backward, activations and their gradients travel by isend/irecv on the
-pipeline group (one tag per tensor), and the last stage calls the loss. Everything is keyed by
+input and output for the backward, activations and their gradients travel point to point on the
+pipeline group, and the last stage calls the loss. Everything is keyed by
 (direction, stage, micro-batch): DualPipe's two model copies each have a last stage.
 
 BW runs a stage's whole backward. B computes only the gradient of the stage's input and W, later,
@@ -9,15 +9,28 @@ stage, which has no input gradient, B computes nothing and W the whole backward)
 F&B runs its forward and its backward (a BW) interleaved at their expert all-to-alls, each one's
 all-to-all in flight while the other computes (parallel/pipeline/overlap.py); without, one after
 the other. With `timings` set to a list, each compute action's (action, start, end) is appended
-to it (time.perf_counter seconds); `a2a_times` holds the last step's all-to-all times.
+to it (time.perf_counter seconds), and each receive's (action, posted, waited from, returned), in
+action-list order; `a2a_times` holds the last step's all-to-all times.
 
 FSDP2 reduces gradients once per step, after the last B/W/BW: during the step every unit keeps its
 gradients (and stays unsharded after a backward, so a W finds its weights as B left them), and
 step() ends with each unit's reduce-scatter (parallel/compat.py, as torch's PipelineStage does).
+
+Messages: each run of consecutive SEND/RECV actions is posted as one batch (batch_isend_irecv: one
+NCCL group), its receives waited for only when a compute action needs their tensor. The schedule
+posts each receive in the batch of its send and, between two ranks, receives tensors in the order
+they were sent (schedules.py), so NCCL, which has no tags and matches by order, gets the right
+tensor. Each tensor has its own tag all the same (gloo checks them); `one_tag` (or the environment
+variable MOE_PP_ONE_TAG=1) sends every message with tag 0, as NCCL sees them: the tests' proof
+that the order alone matches them. gloo moves a tensor only once its receive is posted, so on gloo
+the receives of the next `recv_lookahead` compute actions (MOE_PP_RECV_LOOKAHEAD, default 1) are
+posted before a compute action runs, in list order; on NCCL none are (posted early, a receive
+would stand on its pair's stream ahead of sends the schedule put before it).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -53,6 +66,8 @@ class PipelineRuntime:
         hidden_dim: int,
         units: dict[int, Sequence[nn.Module]],
         overlap: bool = False,
+        one_tag: bool | None = None,
+        recv_lookahead: int | None = None,
     ):
         self.schedule, self.pp_rank, self.group = schedule, pp_rank, pp_group
         self.stage_fn, self.loss_fn, self.hidden_dim = stage_fn, loss_fn, hidden_dim
@@ -67,13 +82,22 @@ class PipelineRuntime:
         self.stage_units = units
         self.units = list({id(unit): unit for stage in sorted(units) for unit in units[stage]}.values())
         self.overlap = overlap
+        self.one_tag = os.environ.get("MOE_PP_ONE_TAG", "0") == "1" if one_tag is None else one_tag
+        if recv_lookahead is None:  # gloo only: posting a receive early reorders an NCCL pair's stream
+            gloo = dist.get_backend(pp_group) == "gloo"
+            recv_lookahead = int(os.environ.get("MOE_PP_RECV_LOOKAHEAD", "1")) if gloo else 0
+        if recv_lookahead < 0:
+            raise ValueError(f"recv_lookahead={recv_lookahead}: must be >= 0 (compute actions ahead)")
+        self.recv_lookahead = recv_lookahead
         self.a2a_times = AllToAllTimes()  # the last step's expert all-to-alls, this rank
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
-        self.timings: list[tuple[Action, float, float]] | None = None
+        self.timings: list[tuple[Action, float, float] | tuple[Action, float, float, float]] | None = None
 
     def _tag(self, kind: Kind, direction: int, stage: int, microbatch: int) -> int:
         """One tag per tensor: model copy, the boundary it crosses (between stage b and b+1),
-        micro-batch, way."""
+        micro-batch, way; 0 for every tensor with `one_tag`."""
+        if self.one_tag:
+            return 0
         boundary = stage if kind in (Kind.SEND_F, Kind.RECV_B) else stage - 1
         backward = kind in (Kind.SEND_B, Kind.RECV_B)
         crossing = direction * self.schedule.num_stages + boundary
@@ -98,45 +122,116 @@ class PipelineRuntime:
         self.handover: dict[tuple[int, int, int], torch.Tensor] = {}  # output for the next stage, same rank
         self.pending_weights: dict[tuple[int, int, int], PendingWeightGradients] = {}  # B done, its W not yet
         defer_fsdp_gradient_reduction(self.units)
-        sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self.sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self.pending: dict[tuple[Kind, int, int, int], tuple[Action, dist.Work, int, float]] = {}  # posted receives
         TIMES.reset()
-        for action in self.actions:
-            kind, key = action.kind, action.chunk
-            if kind in (Kind.RECV_F, Kind.RECV_B):
-                start = time.perf_counter() if self.timings is not None else 0.0
-                buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
-                dist.irecv(buf, src=self.global_rank[action.peer], group=self.group, tag=self._tag(kind, *key)).wait()
-                self.received[(kind, *key)] = buf
-                if self.timings is not None:  # receives are timed too: the bench splits waiting from messaging
-                    self.timings.append((action, start, time.perf_counter()))
-            elif kind in (Kind.SEND_F, Kind.SEND_B):
-                if kind is Kind.SEND_F:
-                    tensor = self.outputs[key].detach().to(WIRE_DTYPE)
+        self.ahead = 0  # the action-list index up to which receives were posted ahead
+        batch: list[Action] = []
+        for index, action in enumerate([*self.actions, None]):
+            if action is not None and not action.is_compute:
+                batch.append(action)
+                continue
+            if batch:
+                self._post(batch)
+                batch = []
+            if action is None:
+                break
+            self._post_receives_ahead(index)
+            self._wait_for_inputs(action)
+            start = time.perf_counter() if self.timings is not None else 0.0
+            overlapped = action.kind is Kind.FB and self.overlap
+            if overlapped:
+                self._forward_and_backward(action)
+            for part in () if overlapped else action.parts():
+                if part.kind is Kind.F:
+                    self._forward(*part.chunk)
+                elif part.kind is Kind.W:
+                    backward_weight(self.pending_weights.pop(part.chunk))
+                    fold_fsdp_gradients(self.stage_units.get(part.stage, ()))
                 else:
-                    tensor = self.input_grads.pop(key).to(WIRE_DTYPE)
-                tag = self._tag(kind, *key)
-                sends.append((dist.isend(tensor, dst=self.global_rank[action.peer], group=self.group, tag=tag), tensor))
-            else:
-                start = time.perf_counter() if self.timings is not None else 0.0
-                overlapped = kind is Kind.FB and self.overlap
-                if overlapped:
-                    self._forward_and_backward(action)
-                for part in () if overlapped else action.parts():
-                    if part.kind is Kind.F:
-                        self._forward(*part.chunk)
-                    elif part.kind is Kind.W:
-                        backward_weight(self.pending_weights.pop(part.chunk))
-                        fold_fsdp_gradients(self.stage_units.get(part.stage, ()))
-                    else:
-                        self._backward(*part.chunk, split=part.kind is Kind.B)
-                if self.timings is not None:
-                    self.timings.append((action, start, time.perf_counter()))
-        for work, _ in sends:
+                    self._backward(*part.chunk, split=part.kind is Kind.B)
+            if self.timings is not None:
+                self.timings.append((action, start, time.perf_counter()))
+        for work, _ in self.sends:
             work.wait()
+        self.sends = []
         reduce_fsdp_gradients(self.units)  # every B, W and BW of the step is done
         self.a2a_times = TIMES.snapshot()
-        if self.inputs or self.outputs or self.received or self.input_grads or self.handover or self.pending_weights:
+        leftover = self.pending or self.received or self.input_grads or self.handover or self.pending_weights
+        if self.inputs or self.outputs or leftover:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: the step left unconsumed tensors")
+
+    def _post(self, batch: list[Action]) -> None:
+        """Post a run of SEND/RECV actions as one batch; the receives are waited for by
+        `_wait_for_inputs`, the sends at the end of the step."""
+        ops, posted, ahead = [], time.perf_counter(), []
+        for action in batch:
+            kind, key, peer = action.kind, action.chunk, self.global_rank[action.peer]
+            if (kind, *key) in self.pending:  # posted ahead: its placeholder comes in action-list order
+                ahead.append(action)
+                continue
+            if kind is Kind.SEND_F:
+                tensor, op = self.outputs[key].detach().to(WIRE_DTYPE), dist.isend
+            elif kind is Kind.SEND_B:
+                tensor, op = self.input_grads.pop(key).to(WIRE_DTYPE), dist.isend
+            else:
+                tensor, op = (
+                    torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device()),
+                    dist.irecv,
+                )
+                self.received[(kind, *key)] = tensor
+            ops.append(dist.P2POp(op, tensor, peer, self.group, self._tag(kind, *key)))
+        for action in ahead:
+            if self.timings is not None:
+                self.timings.append((action, posted, posted))
+            recv, work, _, at = self.pending[(action.kind, *action.chunk)]
+            self.pending[(action.kind, *action.chunk)] = (recv, work, len(self.timings or ()) - 1, at)
+        if not ops:
+            return
+        works = dist.batch_isend_irecv(ops)
+        if len(works) == 1:  # coalesced (NCCL): one work for the whole group
+            works = works * len(ops)
+        if len(works) != len(ops):
+            raise RuntimeError(f"batch_isend_irecv returned {len(works)} works for {len(ops)} operations")
+        posted_ops = [a for a in batch if a not in ahead]
+        for action, op, work in zip(posted_ops, ops, works, strict=True):
+            if op.op is dist.isend:
+                self.sends.append((work, op.tensor))
+            else:
+                if self.timings is not None:  # a placeholder in action-list order; its wait fills it in
+                    self.timings.append((action, posted, posted))
+                self.pending[(action.kind, *action.chunk)] = (action, work, len(self.timings or ()) - 1, posted)
+
+    def _post_receives_ahead(self, index: int) -> None:
+        """Before the compute action at `index`: post every receive of the action list up to the
+        `recv_lookahead`-th compute action after it (each on its own, in list order), so that gloo,
+        which moves a tensor only once its receive is posted, moves it while this rank computes."""
+        if not self.recv_lookahead:
+            return
+        end, computes = max(self.ahead, index + 1), 0
+        while end < len(self.actions) and computes < self.recv_lookahead:
+            action = self.actions[end]
+            computes += action.is_compute
+            if action.kind in (Kind.RECV_F, Kind.RECV_B):
+                key = (action.kind, *action.chunk)
+                buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
+                self.received[key] = buf
+                work = dist.irecv(buf, src=self.global_rank[action.peer], group=self.group, tag=self._tag(*key))
+                self.pending[key] = (action, work, -1, time.perf_counter())
+            end += 1
+        self.ahead = end
+
+    def _wait_for_inputs(self, action: Action) -> None:
+        """Wait for the received tensors `action` computes on (a receive is timed from its posting)."""
+        for part in action.parts():
+            kind = Kind.RECV_F if part.kind is Kind.F else Kind.RECV_B if part.kind in (Kind.B, Kind.BW) else None
+            if kind is None or (kind, *part.chunk) not in self.pending:
+                continue
+            recv, work, index, posted = self.pending.pop((kind, *part.chunk))
+            waited_from = time.perf_counter()
+            work.wait()
+            if self.timings is not None:  # the bench splits waiting from messaging
+                self.timings[index] = (recv, posted, waited_from, time.perf_counter())
 
     def _device(self) -> torch.device:
         return self.tokens[0].device
@@ -210,12 +305,13 @@ class PipelineRuntime:
             if rank != self.pp_rank:
                 if prev == self.pp_rank and h is not None:  # hand this rank's output on
                     tensor = h.to(WIRE_DTYPE)
-                    sends.append(dist.isend(tensor, dst=self.global_rank[rank], group=self.group, tag=stage))
+                    tag = 0 if self.one_tag else stage
+                    sends.append(dist.isend(tensor, dst=self.global_rank[rank], group=self.group, tag=tag))
                 h = None
                 continue
             if stage > 0 and prev != self.pp_rank:
                 h = torch.empty(shape, dtype=WIRE_DTYPE, device=tokens_BS.device)
-                dist.recv(h, src=self.global_rank[prev], group=self.group, tag=stage)
+                dist.recv(h, src=self.global_rank[prev], group=self.group, tag=0 if self.one_tag else stage)
             h = self.stage_fn(stage, tokens_BS, h)
         for work in sends:
             work.wait()

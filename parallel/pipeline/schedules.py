@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
+from parallel.pipeline.replay import message
 
 PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zb1p", "dualpipev", "dualpipe")
 
@@ -200,18 +201,26 @@ def check_schedule_args(name: str, pp: int, microbatches: int, virtual_stages: i
 
 
 def _with_communication(compute: dict[int, list[Action]], stage_ranks: tuple[tuple[int, ...], ...]) -> dict:
-    """Insert each compute action's receives right before it and its sends right after it."""
+    """Place every send and receive, by playing the compute lists in lock-step rounds: between two
+    compute actions a rank posts one batch of point-to-point operations, the sends of the action
+    it just ran and a receive for each tensor a peer sends it meanwhile, so each receive is posted
+    together with its send (never late) and each pair's messages are received in the order they
+    were sent (NCCL matches them by order; it has no tags). A rank runs its next compute action
+    once the tensors it needs have come in; the batch it leaves then is its next run of SEND/RECV
+    actions. Each batch's operations meet partners in the peers' batches of the same round, so
+    posted as one group (batch_isend_irecv) they cannot deadlock (validate.py checks it)."""
     last = len(stage_ranks[0]) - 1
 
     def rank_of(direction: int, stage: int) -> int:
         return stage_ranks[direction][stage]
 
-    def recvs(rank: int, part: Action) -> list[Action]:
+    def needs(rank: int, part: Action) -> list[tuple]:
+        """The messages `part` receives: (sender, receiver, kind, direction, stage, micro-batch)."""
         d, s, m = part.chunk
         if part.kind is Kind.F and s > 0 and rank_of(d, s - 1) != rank:
-            return [Action(Kind.RECV_F, s, m, d, peer=rank_of(d, s - 1))]
+            return [(rank_of(d, s - 1), rank, Kind.RECV_F, d, s, m)]
         if part.kind in (Kind.B, Kind.BW) and s < last and rank_of(d, s + 1) != rank:
-            return [Action(Kind.RECV_B, s, m, d, peer=rank_of(d, s + 1))]
+            return [(rank_of(d, s + 1), rank, Kind.RECV_B, d, s, m)]
         return []
 
     def sends(rank: int, part: Action) -> list[Action]:
@@ -222,15 +231,25 @@ def _with_communication(compute: dict[int, list[Action]], stage_ranks: tuple[tup
             return [Action(Kind.SEND_B, s, m, d, peer=rank_of(d, s - 1))]
         return []
 
-    out = {}
-    for rank, ops in compute.items():
-        full: list[Action] = []
-        for action in ops:
-            parts = action.parts()
-            full += [c for p in parts for c in recvs(rank, p)]
-            full.append(action)
-            full += [c for p in parts for c in sends(rank, p)]
-        out[rank] = full
+    out: dict[int, list[Action]] = {rank: [] for rank in compute}
+    pos = dict.fromkeys(compute, 0)
+    received: set[tuple] = set()
+    while any(pos[r] < len(ops) for r, ops in compute.items()):
+        ran = False
+        for rank, ops in compute.items():  # run every compute action whose tensors are in
+            if pos[rank] < len(ops) and all(k in received for p in ops[pos[rank]].parts() for k in needs(rank, p)):
+                action = ops[pos[rank]]
+                out[rank].append(action)
+                pos[rank] += 1
+                ran = True
+                for send in (c for p in action.parts() for c in sends(rank, p)):
+                    out[rank].append(send)  # posted right after its compute, received in the same batch
+                    _, _, kind, d, s, m = key = message(rank, send)
+                    out[send.peer].append(Action(kind, s, m, d, peer=rank))
+                    received.add(key)
+        if not ran:
+            stuck = {r: str(ops[pos[r]]) for r, ops in compute.items() if pos[r] < len(ops)}
+            raise ValueError(f"the compute order waits for tensors no rank sends: {stuck}")
     return out
 
 

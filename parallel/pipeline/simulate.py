@@ -59,12 +59,14 @@ class Span:
     start: float
     end: float
     action: Action
+    waited_from: float | None = None  # a receive: when its rank began waiting for it
 
 
 @dataclass(frozen=True)
 class Timeline:
     """The simulated step: compute spans per rank (in order), step time, idle time per rank;
-    `receives`: each receive's span per rank, from its posting to its return."""
+    `receives`: each receive's span per rank, from its posting to its return (when the compute
+    action that needs its tensor had it), in action-list order."""
 
     schedule: PipelineSchedule
     durations: Durations
@@ -96,11 +98,12 @@ def simulate(
     time_of: Callable[[int, Action], float] | None = None,
 ) -> Timeline:
     """Run the schedule on a clock: a rank starts each compute action as soon as its previous
-    one ended and its receives returned. Posting a send takes the rank `durations.send`, and
-    its message lands `durations.comm` after the posting began. A receive returns at the later
-    of its message's landing and its own posting plus `durations.recv`. `time_of(rank, action)`,
-    when given, overrides the uniform times of compute actions (e.g. measured per rank and
-    stage, or scaled by the stage cut's costs)."""
+    one ended and the receives of its tensors returned (a receive is posted at its place in the
+    list and waited for by the compute action that needs it, as the runtime does). Posting a
+    send takes the rank `durations.send`, and its message lands `durations.comm` after the
+    posting began. A receive returns at the later of its message's landing and its own posting
+    plus `durations.recv`. `time_of(rank, action)`, when given, overrides the uniform times of
+    compute actions (e.g. measured per rank and stage, or scaled by the stage cut's costs)."""
     durations = durations or Durations()
     time_of = time_of or (lambda rank, action: durations.of(action))
     ops = schedule.actions
@@ -108,6 +111,7 @@ def simulate(
     arrival: dict[tuple, float] = {}
     spans: dict[int, list[Span]] = {r: [] for r in ops}
     receives: dict[int, list[Span]] = {r: [] for r in ops}
+    posted: dict[tuple, tuple[float, Action, int]] = {}  # (rank, kind, chunk) -> receive not yet waited for
 
     def advance(rank: int, pos: Mapping[int, int]) -> int:
         action = ops[rank][pos[rank]]
@@ -115,13 +119,22 @@ def simulate(
             arrival[message(rank, action)] = clock[rank] + durations.comm
             clock[rank] += durations.send
         elif action.kind in (Kind.RECV_F, Kind.RECV_B):
-            key = message(rank, action)
-            if key not in arrival:
-                return 0
-            end = max(clock[rank] + durations.recv, arrival[key])
-            receives[rank].append(Span(clock[rank], end, action))
-            clock[rank] = end
+            posted[(rank, action.kind, action.chunk)] = (clock[rank], action, len(receives[rank]))
+            receives[rank].append(Span(clock[rank], clock[rank], action))  # its wait fills it in
         else:
+            waits = [
+                (rank, Kind.RECV_F if part.kind is Kind.F else Kind.RECV_B, part.chunk)
+                for part in action.parts()
+                if part.kind is not Kind.W
+            ]
+            waits = [w for w in waits if w in posted]
+            if any(message(rank, posted[w][1]) not in arrival for w in waits):
+                return 0
+            for w in waits:
+                start, recv, index = posted.pop(w)
+                end = max(start + durations.recv, arrival[message(rank, recv)], clock[rank])
+                receives[rank][index] = Span(start, end, recv, waited_from=clock[rank])
+                clock[rank] = end
             end = clock[rank] + time_of(rank, action)
             spans[rank].append(Span(clock[rank], end, action))
             clock[rank] = end

@@ -186,9 +186,8 @@ def validate_schedule(schedule: PipelineSchedule, rendezvous: bool = False, orde
     receive as naming its tensor. Two stricter runtimes can be checked too:
     `rendezvous`: each run of consecutive sends/recvs is one blocking batch (NCCL send/recv in
     a group); `ordered`: between two ranks, tensors are received in the order they were sent
-    (tag-less point-to-point). gpipe, 1f1b and zb1p pass both; interleaved_1f1b passes `ordered`;
-    dualpipe and dualpipev pass neither: their runtime must post sends asynchronously and
-    match each receive to its tensor (a tag per stream, or receives posted in send order)."""
+    (tag-less point-to-point: NCCL matches a pair's messages by the order they are posted).
+    build_schedule's schedules pass both (schedules.py places each receive in its send's batch)."""
     if sorted(schedule.actions) != list(range(schedule.pp)):
         raise ScheduleError(
             f"{schedule.name}: actions for ranks {sorted(schedule.actions)}, expected 0..{schedule.pp - 1}"

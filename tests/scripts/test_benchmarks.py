@@ -125,8 +125,9 @@ def _simulated_timestamps(schedule, timeline, start: float) -> list[dict]:
             if action.is_compute or action.kind in (Kind.RECV_F, Kind.RECV_B):
                 span = next(compute if action.is_compute else receives)
                 assert span.action == action
-                spans.append((str(action), start + span.start, start + span.end))
-        runs.append({"start": start, "end": max(end for _, _, end in spans), "spans": spans})
+                waited = () if action.is_compute else (start + span.waited_from,)  # a receive's wait
+                spans.append((str(action), start + span.start, *waited, start + span.end))
+        runs.append({"start": start, "end": max(span[-1] for span in spans), "spans": spans})
     return runs
 
 

@@ -42,31 +42,42 @@ def test_every_schedule_runs_each_chunk_once_in_order_without_deadlock(name, pp,
     simulate(schedule)  # the timing run finishes too
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb1p"])
-def test_simple_schedules_also_run_with_blocking_batched_send_recv_in_send_order(name):
-    validate_schedule(build_schedule(name, 4, 8), rendezvous=True, ordered=True)
+@pytest.mark.parametrize("name,pp,n", [c for c in CASES if c[1] in (2, 4)])
+def test_every_schedule_receives_in_send_order_and_runs_with_blocking_batches(name, pp, n):
+    """NCCL has no tags: between two ranks it matches messages in the order they are posted, and
+    a batch (one NCCL group) of sends and receives completes only when all of them met their
+    partners. Every schedule receives each pair's tensors in the order they were sent, and each
+    run of SEND/RECV actions, taken as one blocking batch, meets its partners without deadlock."""
+    validate_schedule(build_schedule(name, pp, n), rendezvous=True, ordered=True)
 
 
-def test_dualpipe_receives_in_another_order_than_sent():
-    """Rank 0 sends stage 0's activation of micro-batch 6 during warm-up, rank 1 uses it only
-    after two gradients that rank 0 sent later: the runtime matches receives to tensors."""
-    validate_schedule(build_schedule("interleaved_1f1b", 4, 8), ordered=True)
+def _bw(stage: int, mb: int) -> Action:
+    return Action(Kind.BW, stage, mb)
+
+
+def test_receives_are_posted_with_their_sends_in_send_order():
+    """dualpipev, pp=4: rank 1 needs the activation of micro-batch 6 only after two gradients
+    that rank 0 sent later; it receives (and keeps) the activation first, in the batch in which
+    rank 0 sends it, so the tensors of a pair come in in the order they were sent."""
+    schedule = build_schedule("dualpipev", 4, 8)
+    validate_schedule(schedule, ordered=True)
+    ops = schedule.actions[1]
+    kept = ops[ops.index(Action(Kind.RECV_F, 1, 6, peer=0)) : ops.index(Action(Kind.FB, 1, 6, backward=_bw(6, 2)))]
+    assert [str(a) for a in kept if a.is_compute] == ["F5s1", "F1s6", "B0s6", "W0s6", "F2s6", "B1s6", "W1s6", "F3s6"]
+    sent = schedule.actions[0].index(Action(Kind.SEND_F, 0, 6, peer=1))
+    assert str(schedule.actions[0][sent - 1]) == "F6s0"  # sent right after its forward
+
+
+def test_ordered_check_names_two_tensors_received_out_of_send_order():
+    schedule = build_schedule("gpipe", 2, 2)
+    ops = schedule.actions[1]
+    ops.insert(0, ops.pop(ops.index(Action(Kind.RECV_F, 1, 1, peer=0))))  # posted before micro-batch 0's
     with pytest.raises(
         ScheduleError,
-        match="rank 0's message 6 to rank 1 is the activation into stage 1 of micro-batch 6, "
-        "but rank 1 receives the gradient into stage 6 of micro-batch 0",
+        match="rank 0's message 0 to rank 1 is the activation into stage 1 of micro-batch 0, "
+        "but rank 1 receives the activation into stage 1 of micro-batch 1",
     ):
-        validate_schedule(build_schedule("dualpipev", 4, 8), ordered=True)
-    with pytest.raises(ScheduleError, match="but rank"):
-        validate_schedule(build_schedule("dualpipe", 8, 16), ordered=True)
-
-
-@pytest.mark.parametrize("name", ["interleaved_1f1b", "dualpipev", "dualpipe"])
-def test_interleaved_and_dualpipe_need_asynchronous_sends(name):
-    """With each send blocking until its peer's receive is posted, two neighbours that both send
-    first wait on each other: the runtime must post sends asynchronously, as the references do."""
-    with pytest.raises(ScheduleError, match="deadlocks with batched rendezvous"):
-        validate_schedule(build_schedule(name, 4, 8), rendezvous=True)
+        validate_schedule(schedule, ordered=True)
 
 
 def test_stage_placement():

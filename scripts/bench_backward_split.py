@@ -102,7 +102,7 @@ def _measure(rank: int, world: int, cfg_yamls: dict[tuple[int, str, str], str], 
                 trainer.optimizer.zero_grad(set_to_none=True)
                 if i == 0:
                     continue
-                for action, start, end in trainer.pipeline.timings:
+                for action, start, *_, end in trainer.pipeline.timings:  # a receive's entry has 4 times
                     if action.kind in (Kind.B, Kind.W, Kind.BW):
                         results[key].setdefault((str(action.kind), action.stage), []).append(end - start)
     return results

@@ -79,18 +79,25 @@ def train_step_saved_bytes(trainer) -> int:
 
     hooks = [mod.register_forward_pre_hook(refresh) for mod in model.modules()]
     saved: dict[int, int] = {}
+    # Every packed tensor stays referenced until the step ends: a storage freed early (a graph
+    # branch dropped in the forward) would otherwise hand its address to a later one, which the
+    # dict would then count once (an undercount that made this measurement flaky).
+    kept: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        refresh()  # the weights as they are now (a resharded unit's gathered copy is gone)
         data = getattr(t, "elem", t)  # an all-to-all's result wraps the tensor it will hold
         storage = data.untyped_storage()
         if not isinstance(t, nn.Parameter) and storage.data_ptr() not in weights:
             saved[storage.data_ptr()] = storage.nbytes()
+            kept.append(data)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.train_step()
     for hook in hooks:
         hook.remove()
+    kept.clear()
     return sum(saved.values())
 
 

@@ -87,3 +87,30 @@ def train_segment(run_dir: Path, world: int, overrides: list[str], stop_at: int,
     """One launch of the real Trainer on `world` ranks over a shared run dir (resumes)."""
     cfg = make_config(run_dir, world, overrides)
     return run_ranks(_train_segment, world, OmegaConf.to_yaml(cfg), stop_at, save_at)[0]
+
+
+def expert_parallel_moe(world: int, ep_per_node: int, **model_args) -> tuple[torch.nn.Module, dict]:
+    """One MoE layer, built the same on every rank (seed 0, weights N(0, 0.5)), then expert-parallel
+    over `world` ranks; -> (the layer, its full expert weights from before the split)."""
+    from framework.model.args import ModelArgs
+    from framework.model.moe.layer import MoE
+    from parallel.expert_parallel import apply_expert_parallel
+    from parallel.layout import resolve_layout
+    from parallel.mesh import build_expert_mesh
+
+    class Holder(torch.nn.Module):
+        def __init__(self, moe):
+            super().__init__()
+            self.moe = moe
+
+        def moe_layers(self):
+            return [self.moe]
+
+    torch.manual_seed(0)  # the same full layer on every rank, as after init_weights
+    moe = MoE(ModelArgs(**model_args))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    mesh = build_expert_mesh(resolve_layout(world, 1, "auto", -1, world), torch.device("cpu"))
+    full_experts = {n: p.detach().clone() for n, p in moe.experts.named_parameters()}
+    apply_expert_parallel(Holder(moe), mesh, ep_per_node)
+    return moe, full_experts

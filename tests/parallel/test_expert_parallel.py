@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from torch import nn
 
 from scripts.benchlib import run_ranks
+from tests.parallel.harness import expert_parallel_moe
 
 pytestmark = pytest.mark.slow
 
@@ -12,28 +12,9 @@ E, D = 8, 12
 
 
 def _ep_setup(world: int, ep_per_node: int):
-    from framework.model.args import ModelArgs
-    from framework.model.moe.layer import MoE
-    from parallel.expert_parallel import apply_expert_parallel
-    from parallel.layout import resolve_layout
-    from parallel.mesh import build_expert_mesh
-
-    class Holder(nn.Module):
-        def __init__(self, moe):
-            super().__init__()
-            self.moe = moe
-
-        def moe_layers(self):
-            return [self.moe]
-
-    torch.manual_seed(0)  # the same full layer on every rank, as after init_weights
-    moe = MoE(ModelArgs(dim=D, num_experts=E, expert_dim=6, top_k=2, num_shared_experts=0, n_groups=2, topk_groups=1))
-    for p in moe.parameters():
-        nn.init.normal_(p, std=0.5)
-    mesh = build_expert_mesh(resolve_layout(world, 1, "auto", -1, world), torch.device("cpu"))
-    full_experts = {n: p.detach().clone() for n, p in moe.experts.named_parameters()}
-    apply_expert_parallel(Holder(moe), mesh, ep_per_node)
-    return moe, full_experts
+    return expert_parallel_moe(
+        world, ep_per_node, dim=D, num_experts=E, expert_dim=6, top_k=2, num_shared_experts=0, n_groups=2, topk_groups=1
+    )
 
 
 def _identity_round_trip(rank: int, world: int) -> dict:

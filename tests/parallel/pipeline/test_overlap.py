@@ -3,10 +3,10 @@ and another micro-batch's backward interleaved at their all-to-alls (2 gloo rank
 
 import pytest
 import torch
-from torch import nn
 
 from parallel.pipeline import overlap
 from scripts.benchlib import run_ranks
+from tests.parallel.harness import expert_parallel_moe
 
 
 def test_the_sides_alternate_at_each_hand_over_and_finish_alone():
@@ -39,26 +39,9 @@ def test_an_error_in_either_side_reaches_the_caller():
 
 
 def _moe(world: int):
-    from framework.model.args import ModelArgs
-    from framework.model.moe.layer import MoE
-    from parallel.expert_parallel import apply_expert_parallel
-    from parallel.layout import resolve_layout
-    from parallel.mesh import build_expert_mesh
-
-    class Holder(nn.Module):
-        def __init__(self, moe):
-            super().__init__()
-            self.moe = moe
-
-        def moe_layers(self):
-            return [self.moe]
-
-    torch.manual_seed(0)
-    moe = MoE(ModelArgs(dim=16, num_experts=4, expert_dim=8, top_k=2, num_shared_experts=1, n_groups=1, topk_groups=1))
-    for p in moe.parameters():
-        nn.init.normal_(p, std=0.5)
-    mesh = build_expert_mesh(resolve_layout(world, 1, "auto", -1, world), torch.device("cpu"))
-    apply_expert_parallel(Holder(moe), mesh, ep_per_node=world)
+    moe, _ = expert_parallel_moe(
+        world, world, dim=16, num_experts=4, expert_dim=8, top_k=2, num_shared_experts=1, n_groups=1, topk_groups=1
+    )
     return moe
 
 

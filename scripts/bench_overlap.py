@@ -71,6 +71,7 @@ def _measure(rank: int, world: int, cfg_yaml: str, warmup: int, steps: int) -> d
     its all-to-all seconds in flight and exposed."""
     from framework.distributed import DistContext
     from framework.train import Trainer
+    from parallel.all_to_all import TIMES
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
     trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
@@ -80,11 +81,12 @@ def _measure(rank: int, world: int, cfg_yaml: str, warmup: int, steps: int) -> d
             trainer.pipeline.overlap = mode == "on"
             batches = trainer.loader.next_step()
             dist.barrier()
+            TIMES.reset()
             start = time.perf_counter()
             trainer.forward_backward_step(batches)
             seconds = time.perf_counter() - start
+            a2a = TIMES.snapshot()
             trainer.optimizer.zero_grad(set_to_none=True)
-            a2a = trainer.pipeline.a2a_times
             if turn >= warmup:
                 results[mode].append({"step": seconds, "exposed": a2a.exposed_s, "n": a2a.count, "ready": a2a.ready})
     return results

@@ -10,7 +10,8 @@ F&B runs its forward and its backward (a BW) interleaved at their expert all-to-
 all-to-all in flight while the other computes (parallel/pipeline/overlap.py); without, one after
 the other. With `timings` set to a list, each compute action's (action, start, end) is appended
 to it (time.perf_counter seconds), and each receive's (action, posted, waited from, returned), in
-action-list order; `a2a_times` holds the last step's all-to-all times.
+action-list order. The expert all-to-alls' times are read by the trainer
+(parallel/all_to_all.py TIMES, around each step).
 
 FSDP2 reduces gradients once per step, after the last B/W/BW: during the step every unit keeps its
 gradients (and stays unsharded after a backward, so a W finds its weights as B left them), and
@@ -38,7 +39,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.all_to_all import TIMES, AllToAllTimes
 from parallel.compat import defer_fsdp_gradient_reduction, fold_fsdp_gradients, reduce_fsdp_gradients
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
 from parallel.pipeline.backward_split import PendingWeightGradients, backward_input, backward_weight
@@ -89,7 +89,6 @@ class PipelineRuntime:
         if recv_lookahead < 0:
             raise ValueError(f"recv_lookahead={recv_lookahead}: must be >= 0 (compute actions ahead)")
         self.recv_lookahead = recv_lookahead
-        self.a2a_times = AllToAllTimes()  # the last step's expert all-to-alls, this rank
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
         self.timings: list[tuple[Action, float, float] | tuple[Action, float, float, float]] | None = None
 
@@ -124,7 +123,6 @@ class PipelineRuntime:
         defer_fsdp_gradient_reduction(self.units)
         self.sends: list[tuple[dist.Work, torch.Tensor]] = []
         self.pending: dict[tuple[Kind, int, int, int], tuple[Action, dist.Work, int, float]] = {}  # posted receives
-        TIMES.reset()
         self.ahead = 0  # the action-list index up to which receives were posted ahead
         batch: list[Action] = []
         for index, action in enumerate([*self.actions, None]):
@@ -156,7 +154,6 @@ class PipelineRuntime:
             work.wait()
         self.sends = []
         reduce_fsdp_gradients(self.units)  # every B, W and BW of the step is done
-        self.a2a_times = TIMES.snapshot()
         leftover = self.pending or self.received or self.input_grads or self.handover or self.pending_weights
         if self.inputs or self.outputs or leftover:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: the step left unconsumed tensors")

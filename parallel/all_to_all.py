@@ -28,12 +28,13 @@ class AllToAllTimes:
     exposed_s: float = 0.0  # blocked in the wait (for the data, or a slow peer to post)
     in_flight_s: float = 0.0  # post to the end of its wait (the other side's compute in between)
     ready: int = 0  # already complete when their wait began: fully hidden
+    in_overlap: int = 0  # waited for inside an overlapped F&B (the other side ran while in flight)
 
     def reset(self) -> None:
-        self.count, self.exposed_s, self.in_flight_s, self.ready = 0, 0.0, 0.0, 0
+        self.count, self.exposed_s, self.in_flight_s, self.ready, self.in_overlap = 0, 0.0, 0.0, 0, 0
 
     def snapshot(self) -> AllToAllTimes:
-        return AllToAllTimes(self.count, self.exposed_s, self.in_flight_s, self.ready)
+        return AllToAllTimes(self.count, self.exposed_s, self.in_flight_s, self.ready, self.in_overlap)
 
 
 TIMES = AllToAllTimes()
@@ -55,6 +56,7 @@ class _Posted:
         end = time.perf_counter()
         TIMES.count += 1
         TIMES.ready += int(ready)
+        TIMES.in_overlap += int(overlap.running())
         TIMES.exposed_s += end - begin
         TIMES.in_flight_s += end - self.start
 

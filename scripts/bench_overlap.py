@@ -1,6 +1,7 @@
 """Benchmark the overlapped F&B (CPU, gloo): dualpipev at pp=2 x ep=2 (4 processes), the same
 trainer with parallel.pp_overlap off and on, step by step in turn; step time, all-to-all time in
 flight and exposed (ranks blocked waiting for it), its share of the step, and the share hidden.
+`--quick` runs a tiny model for one step per mode (the smoke test in tests/scripts/test_benchmarks.py).
 
 Every rank runs the real trainer's pipelined forward_backward_step; the runtime switches between
 F then B and the overlapped F&B per step (`PipelineRuntime.overlap`), so both modes see the same
@@ -88,7 +89,16 @@ def _measure(rank: int, world: int, cfg_yaml: str, warmup: int, steps: int) -> d
             a2a = TIMES.snapshot()
             trainer.optimizer.zero_grad(set_to_none=True)
             if turn >= warmup:
-                results[mode].append({"step": seconds, "exposed": a2a.exposed_s, "n": a2a.count, "ready": a2a.ready})
+                results[mode].append(
+                    {
+                        "step": seconds,
+                        "exposed": a2a.exposed_s,
+                        "in_flight": a2a.in_flight_s,
+                        "n": a2a.count,
+                        "ready": a2a.ready,
+                        "in_overlap": a2a.in_overlap,
+                    }
+                )
     return results
 
 
@@ -109,7 +119,9 @@ def main() -> None:
         # a step lasts as long as its slowest rank; all-to-all times are per rank, averaged
         step = statistics.fmean(max(r[mode][i]["step"] for r in per_rank) for i in range(args.steps))
         exposed = statistics.fmean(x["exposed"] for r in per_rank for x in r[mode])
+        in_flight = statistics.fmean(x["in_flight"] for r in per_rank for x in r[mode])
         count = statistics.fmean(x["n"] for r in per_rank for x in r[mode])
+        in_overlap = statistics.fmean(x["in_overlap"] for r in per_rank for x in r[mode])
         ready = statistics.fmean(x["ready"] / x["n"] for r in per_rank for x in r[mode] if x["n"])
         exposed_off = exposed if mode == "off" else exposed_off
         hidden = f"{100 * (1 - exposed / exposed_off):.0f}" if mode == "on" and exposed_off else "-"
@@ -118,6 +130,8 @@ def main() -> None:
                 mode,
                 f"{1e3 * step:.0f}",
                 f"{count:.0f}",
+                f"{in_overlap:.0f}",
+                f"{1e3 * in_flight:.1f}",
                 f"{1e3 * exposed:.1f}",
                 f"{100 * exposed / step:.1f}",
                 f"{100 * ready:.0f}",
@@ -126,12 +140,14 @@ def main() -> None:
         )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print()
-    header = ["pp_overlap", "step ms", "all-to-alls", "exposed ms", "exposed % of step", "done before wait %"]
-    print_table([*header, "hidden % (vs off)"], rows, left=1)
+    header = ["pp_overlap", "step ms", "all-to-alls", "in F&B", "in flight ms", "exposed ms", "exposed % of step"]
+    print_table([*header, "done before wait %", "hidden % (vs off)"], rows, left=1)
     print()
-    print("per rank and step, mean over ranks. exposed: time blocked waiting for all-to-alls (for the data,")
-    print("for a slow peer to post too, for this thread to wake up); with pp_overlap off that is the")
-    print("all-to-all time. done before wait: all-to-alls already complete when waited for (fully hidden).")
+    print("per rank and step, mean over ranks. in F&B: all-to-alls waited for inside an overlapped F&B (the")
+    print("other side ran meanwhile). in flight: from posting an all-to-all to the end of its wait. exposed:")
+    print("time blocked waiting for all-to-alls (for the data, for a slow peer to post too, for this thread")
+    print("to wake up); with pp_overlap off that is the all-to-all time. done before wait: all-to-alls already")
+    print("complete when waited for (fully hidden).")
     print("hidden: 1 - exposed(on) / exposed(off).")
 
 

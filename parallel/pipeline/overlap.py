@@ -84,6 +84,11 @@ def hand_over() -> None:
         _active.hand_over()
 
 
+def running() -> bool:
+    """Whether an overlapped F&B is in progress in this process."""
+    return _active is not None
+
+
 def note(event: str) -> None:
     """Record `event` for the side now running, when the overlap in progress is traced."""
     if _active is not None:

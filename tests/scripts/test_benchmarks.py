@@ -88,6 +88,29 @@ def test_bench_checkpoint_tables_and_goals():
     assert stdout.count("- goal: ") == 2
 
 
+def test_bench_overlap_runs_the_overlapped_path_and_its_times_add_up():
+    stdout = _quick("bench_overlap.py")
+    assert "# overlapped F&B, dualpipev pp=2 x ep=2, CPU/gloo, 4 processes" in stdout
+    (table,) = _tables(stdout)
+    assert table[0] == [
+        "pp_overlap", "step ms", "all-to-alls", "in F&B", "in flight ms", "exposed ms", "exposed % of step",
+        "done before wait %", "hidden % (vs off)",
+    ]  # fmt: skip
+    rows = {row[0]: row for row in table[1:]}
+    assert list(rows) == ["off", "on"]
+    values = {mode: [float(x) for x in row[1:8]] for mode, row in rows.items()}
+    for step, count, in_overlap, in_flight, exposed, share, ready in values.values():
+        assert step > 0 and count > 0 and 0 <= in_overlap <= count
+        assert 0 <= exposed <= in_flight  # blocked in a wait only after posting it
+        assert 0 <= share <= 100 and 0 <= ready <= 100
+    assert values["off"][1] == values["on"][1]  # the same all-to-alls, in turn with and without overlap
+    # Off: every all-to-all waited for outside an F&B. On: some inside (the overlapped F&B ran).
+    assert values["off"][2] == 0 and values["on"][2] > 0
+    assert rows["off"][8] == "-"
+    exposed_off, exposed_on = values["off"][4], values["on"][4]
+    assert float(rows["on"][8]) == pytest.approx(100 * (1 - exposed_on / exposed_off), abs=2)
+
+
 def test_bench_pipeline_tables_per_schedule_and_pp():
     stdout = _quick("bench_pipeline.py")
     assert "pp=4: 4 processes on" in stdout or "oversubscribed" not in stdout

@@ -35,7 +35,7 @@ from parallel.all_to_all import TIMES, AllToAllTimes
 from parallel.grad_clip import clip_grad_norm
 from parallel.layout import resolve_layout
 from parallel.memory import memory_report, setup_memory
-from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_rank_and_size
+from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_rank_and_size, warm_up
 from parallel.pipeline import build_schedule, model_pieces, mtp_needs_embedding, plan_stages
 from parallel.pipeline.runtime import PipelineRuntime
 from parallel.pipeline.stage import fsdp_units, mirror_rank, rank_stage_pieces
@@ -170,6 +170,8 @@ class Trainer:
         units = {s: fsdp_units(self.model, pieces) for s, pieces in self.stage_pieces.items()}
         pp_rank = self.mesh.get_local_rank("pp")
         overlap = self.cfg.parallel.pp_overlap and self.layout.ep > 1  # F&B overlaps at the expert all-to-alls
+        # Each group the pipeline's step uses: a first collective there with every member (mesh.py).
+        warm_up([self.groups.pp, self.mirror_group, self.embed_copy_group], self.ctx.device)
         return PipelineRuntime(
             schedule, pp_rank, self.groups.pp, run_stage, self.loss_fn, self.cfg.model.dim, units, overlap
         )

@@ -7,6 +7,7 @@ neighbouring ranks (the same node where it fits), and edp_* shard/replicate each
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -69,3 +70,23 @@ def build_groups(mesh: DeviceMesh) -> MeshGroups:
     dp_lists = [ranks_PRS[i].flatten().tolist() for i in range(pp)]
     dp_group, _ = dist.new_subgroups_by_enumeration(dp_lists)
     return MeshGroups(world=dist.group.WORLD, dp=dp_group, pp=mesh.get_group("pp"))
+
+
+def warm_up(groups: Iterable[dist.ProcessGroup | None], device: torch.device) -> None:
+    """One one-element all-reduce on each group (None: this rank is in none), every member taking
+    part, in the order given (the same on every rank), before a pipeline's first step.
+
+    torch's batch_isend_irecv requires that, if it is a group's first collective, every rank of
+    the group take part; the pipeline's first batch on its group involves two ranks (at pp=4, two of
+    four). On NCCL framework/distributed.py passes device_id to init_process_group, which connects
+    the default communicator at once, and torch (checked in 2.13's distributed_c10d: new_group
+    inherits the bound device; _new_process_group_helper splits with ncclCommSplit, non-members
+    taking part with a no-color split, then eager_connect_single_device; DeviceMesh uses
+    split_group when the default group is bound, since 2.6) creates every later group connected,
+    so the communicator exists before the first batch. This all-reduce makes the first batch not
+    the group's first collective on any torch version or creation path all the same, and a group
+    that cannot connect fails here, at setup, instead of inside a step. Cost: one all-reduce each."""
+    probe = torch.zeros(1, device=device)
+    for group in groups:
+        if group is not None:
+            dist.all_reduce(probe, group=group)

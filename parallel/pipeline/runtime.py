@@ -293,7 +293,14 @@ class PipelineRuntime:
     @torch.no_grad()
     def forward_only(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The model's outputs for `tokens_BS` (evaluation: no loss, no gradients), stage by stage
-        in order; -> the last stage's outputs on the rank that holds it, None elsewhere."""
+        in order; -> the last stage's outputs on the rank that holds it, None elsewhere.
+
+        Messages follow the step's rules: each is a batch_isend_irecv (on NCCL the group's own
+        communicator, as the step's batches; a lone isend/recv would open one per pair of ranks)
+        with the step's tag for the boundary it crosses (0 with `one_tag`). One operation per batch
+        is enough: the chain runs in one direction, one micro-batch, so between two ranks tensors
+        are received in the order they were sent, and each rank posts its send before it waits for
+        its next receive, so no rank waits on one that waits on it."""
         ranks = self.schedule.stage_ranks[0]
         h, sends = None, []
         shape = (*tokens_BS.shape, self.hidden_dim)
@@ -302,14 +309,19 @@ class PipelineRuntime:
             if rank != self.pp_rank:
                 if prev == self.pp_rank and h is not None:  # hand this rank's output on
                     tensor = h.to(WIRE_DTYPE)
-                    tag = 0 if self.one_tag else stage
-                    sends.append(dist.isend(tensor, dst=self.global_rank[rank], group=self.group, tag=tag))
+                    tag = self._tag(Kind.SEND_F, 0, stage - 1, 0)
+                    sends += [(work, tensor) for work in self._post_one(dist.isend, tensor, rank, tag)]
                 h = None
                 continue
             if stage > 0 and prev != self.pp_rank:
                 h = torch.empty(shape, dtype=WIRE_DTYPE, device=tokens_BS.device)
-                dist.recv(h, src=self.global_rank[prev], group=self.group, tag=0 if self.one_tag else stage)
+                for work in self._post_one(dist.irecv, h, prev, self._tag(Kind.RECV_F, 0, stage, 0)):
+                    work.wait()
             h = self.stage_fn(stage, tokens_BS, h)
-        for work in sends:
+        for work, _ in sends:  # each tensor kept until its send is done
             work.wait()
         return h if ranks[-1] == self.pp_rank else None
+
+    def _post_one(self, op: Callable, tensor: torch.Tensor, pp_peer: int, tag: int) -> list[dist.Work]:
+        """One point-to-point operation with pipeline rank `pp_peer`, posted as a batch of one."""
+        return dist.batch_isend_irecv([dist.P2POp(op, tensor, self.global_rank[pp_peer], self.group, tag)])

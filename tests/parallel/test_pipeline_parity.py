@@ -89,6 +89,7 @@ def _train(rank: int, world: int, cfg_yaml: str, steps: int) -> dict:
     merged = {
         "losses": losses,
         "grad_norms": grad_norms,
+        "val_loss": trainer.evaluate(),  # pipelined: forward_only, the same on every rank
         "state": {},
         "loads": [{} for _ in range(steps)],
         "biases": {},
@@ -134,6 +135,7 @@ def test_pipeline_matches_single_process(name, references, tmp_path):
     torch.testing.assert_close(
         torch.tensor(got["grad_norms"]), torch.tensor(reference["grad_norms"]), rtol=1e-5, atol=0
     )
+    assert got["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)  # evaluation after the steps
     for step, (a, b) in enumerate(zip(got["loads"], reference["loads"], strict=True)):
         assert a.keys() == b.keys()
         for layer in a:

@@ -91,7 +91,8 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("name", ["1f1b pp=2", "dualpipev pp=2", "dualpipe pp=2"])
 def test_the_model_trains_as_one_process_with_one_tag(name, one_process, tmp_path, monkeypatch):
     """The whole model, 3 steps, every message on tag 0 (the spawned ranks inherit the variable):
-    losses, gradient norms and final weights as test_pipeline_parity.py checks them."""
+    losses, gradient norms, the validation loss after them (forward_only's messages) and final
+    weights as test_pipeline_parity.py checks them."""
     world, model, parallel = LAYOUTS[name]
     assert model == [] and world == 2
     monkeypatch.setenv("MOE_PP_ONE_TAG", "1")
@@ -100,6 +101,7 @@ def test_the_model_trains_as_one_process_with_one_tag(name, one_process, tmp_pat
     torch.testing.assert_close(
         torch.tensor(got["grad_norms"]), torch.tensor(one_process["grad_norms"]), rtol=1e-5, atol=0
     )
+    assert got["val_loss"] == pytest.approx(one_process["val_loss"], rel=1e-5)
     assert got["state"].keys() == one_process["state"].keys()
     for key, ref in one_process["state"].items():
         torch.testing.assert_close(got["state"][key], ref, rtol=1e-5, atol=2e-5, msg=lambda m, k=key: f"{k}: {m}")

@@ -64,11 +64,15 @@ class MeshGroups:
 
 
 def build_groups(mesh: DeviceMesh) -> MeshGroups:
-    """Every rank must call this (new groups are collective), in the same order."""
+    """Every rank must call this (new groups are collective), in the same order. Without a
+    pipeline the data-parallel ranks are the world: dp is the default group, not a second
+    communicator over the same ranks."""
     ranks_PRS = mesh.mesh
     pp = ranks_PRS.shape[0]
-    dp_lists = [ranks_PRS[i].flatten().tolist() for i in range(pp)]
-    dp_group, _ = dist.new_subgroups_by_enumeration(dp_lists)
+    if pp == 1:
+        dp_group = dist.group.WORLD
+    else:
+        dp_group, _ = dist.new_subgroups_by_enumeration([ranks_PRS[i].flatten().tolist() for i in range(pp)])
     return MeshGroups(world=dist.group.WORLD, dp=dp_group, pp=mesh.get_group("pp"))
 
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from parallel.layout import resolve_layout
-from parallel.mesh import build_expert_mesh, build_mesh, dp_mesh, dp_rank_and_size, expert_dp_mesh
+from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_mesh, dp_rank_and_size, expert_dp_mesh
 
 CPU = torch.device("cpu")
 
@@ -43,3 +43,17 @@ def test_ep_spanning_replicas_leaves_one_copy_of_each_expert(as_rank):
     assert tuple(expert_mesh.mesh.shape) == (1, 1, 1, 8)
     assert expert_mesh["ep"].mesh.tolist() == list(range(8))
     assert expert_dp_mesh(expert_mesh).mesh.tolist() == [[5]]
+
+
+@pytest.mark.parametrize("pp, new_groups, dp_ranks", [(1, 0, list(range(8))), (2, 1, [0, 1, 2, 3])])
+def test_data_parallel_group_is_the_world_without_a_pipeline(as_rank, pp, new_groups, dp_ranks):
+    """pp=1: the data-parallel ranks are every rank, so no second communicator is made for them;
+    pp=2: rank 1 joins its stage's data-parallel group (the process's groups count only its own)."""
+    as_rank(1, 8)
+    mesh = build_mesh(resolve_layout(8, pp, 1, 8 // pp, 1), CPU)
+    mesh.get_group("pp")  # the mesh's own groups, made before counting
+    before = len(dist.distributed_c10d._world.pg_map)
+    groups = build_groups(mesh)
+    assert len(dist.distributed_c10d._world.pg_map) - before == new_groups
+    assert (groups.dp is dist.group.WORLD) == (pp == 1)
+    assert dist.get_process_group_ranks(groups.dp) == dp_ranks

@@ -51,14 +51,24 @@ def clip_grad_norm(
 ) -> torch.Tensor:
     """Scale every gradient so the global L2 norm is at most max_norm (0 or inf: never).
     `dp_group`: the ranks that every gradient's mesh spans (the data-parallel ranks of this stage):
-    dense and expert squares add over it in one all-reduce (plain tensors count as this rank's
-    own); without it each mesh's sharded dimensions are reduced one by one. With `pp_group`, each
+    dense and expert squares add over it in one all-reduce; without it each mesh's sharded
+    dimensions are reduced one by one. With a dp_group of more than one rank every gradient must
+    be a DTensor (the trainer's are: FSDP2 shards every parameter): a plain tensor would be a
+    replica on each rank and count once per rank, so it is refused. With `pp_group`, each
     pipeline stage holds other parameters: the squares add over it too. `uncounted`: parameters that another stage holds
     too (a tied copy, DualPipe's second model copy), scaled but not counted twice.
     -> the norm before clipping."""
     skip = {id(p) for p in uncounted}
     dense_grads = [p.grad for p in dense if p.grad is not None and id(p) not in skip]
     expert_grads = [p.grad for p in experts if p.grad is not None and id(p) not in skip]
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        plain = next((g for g in dense_grads + expert_grads if not isinstance(g, DTensor)), None)
+        if plain is not None:
+            raise ValueError(
+                f"clip_grad_norm: a gradient of shape {tuple(plain.shape)} is a plain tensor, not a DTensor: with a "
+                f"dp_group of {dist.get_world_size(dp_group)} ranks it would count once per rank; shard it "
+                "(FSDP2) or pass dp_group=None"
+            )
     total_sq = _squared_norm(dense_grads + expert_grads, device, summed_later=dp_group is not None)
     if dp_group is not None:
         dist.all_reduce(total_sq, group=dp_group)

@@ -50,6 +50,21 @@ def test_missing_grads_and_empty_groups_count_as_zero():
     torch.testing.assert_close(clip_grad_norm([], [], 0.0, CPU), torch.tensor(0.0))
 
 
+def test_a_plain_grad_is_refused_where_the_dp_group_would_count_it_once_per_rank():
+    """Summed over a dp group of 2 ranks, a replicated plain gradient would count twice: refused
+    before any collective (torch's fake process group stands in for the 2 ranks)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dense, experts = _params((4, 3), seed=0), _params((2, 3), seed=1)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        with pytest.raises(ValueError, match=r"shape \(4, 3\) is a plain tensor.*dp_group of 2 ranks"):
+            clip_grad_norm(dense, experts, 1.0, CPU, dp_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
 def _sharded_clip(rank: int, world: int, one_group: bool) -> dict:
     """Dense grads sharded HSDP-style over the (dp_replicate, dp_shard) mesh, expert grads
     over the EP mesh: the global norm must equal the norm of the full grads on one process."""

@@ -413,20 +413,21 @@ def main() -> int:
     print()
     print("Sync save vs one plain sequential write of the same bytes (the disk's practical limit)")
     print()
-    head = " | ".join(f"sync, {t} writer thread{'s' if t > 1 else ''} s | sync / plain" for t in THREAD_COUNTS)
-    print(
-        f"| processes | state MB | plain write s | plain GB/s | {head} | sync, {d} threads, no checksums s | "
-        "checksum cost | hashing in the save s | hash alone s | load s | cold load s | verify in load s |"
-    )
-    print("|---:|---:|---:|---:|" + "---:|---:|" * len(THREAD_COUNTS) + "---:|---:|---:|---:|---:|---:|---:|")
+    header = ["processes", "state MB", "plain write s", "plain GB/s"]
+    for t in THREAD_COUNTS:
+        header += [f"sync, {t} writer thread{'s' if t > 1 else ''} s", "sync / plain"]
+    header += [f"sync, {d} threads, no checksums s", "checksum cost", "hashing in the save s", "hash alone s"]
+    header += ["load s", "cold load s", "verify in load s"]
+    rows = []
     for world, m in med.items():
-        cells = " | ".join(f"{m['sync'][t]:.3f} | {100 * m['sync_vs_plain'][t]:.0f}%" for t in THREAD_COUNTS)
-        print(
-            f"| {world} | {results[world]['state_bytes'] / MB:.1f} | {m['plain']:.3f} | {m['plain_gbs']:.2f} | "
-            f"{cells} | {m['sync']['nohash']:.3f} | {100 * m['checksum_cost']:+.0f}% | "
-            f"{m['phases'][f'sync{d}']['hash']:.3f} | {m['hash']:.3f} | "
-            f"{m['load']:.3f} | {m['cold_load']:.3f} | {m['phases']['load']['verify']:.3f} |"
-        )
+        row = [world, f"{results[world]['state_bytes'] / MB:.1f}", f"{m['plain']:.3f}", f"{m['plain_gbs']:.2f}"]
+        for t in THREAD_COUNTS:
+            row += [f"{m['sync'][t]:.3f}", f"{100 * m['sync_vs_plain'][t]:.0f}%"]
+        row += [f"{m['sync']['nohash']:.3f}", f"{100 * m['checksum_cost']:+.0f}%"]
+        row += [f"{m['phases'][f'sync{d}']['hash']:.3f}", f"{m['hash']:.3f}"]
+        row += [f"{m['load']:.3f}", f"{m['cold_load']:.3f}", f"{m['phases']['load']['verify']:.3f}"]
+        rows.append(row)
+    print_table(header, rows)
     print()
     print(f"Async save ({d} writer threads), the manager reused across saves as in a training run")
     print()

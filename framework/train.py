@@ -39,6 +39,7 @@ from parallel.mesh import build_expert_mesh, build_groups, build_mesh, dp_rank_a
 from parallel.pipeline import build_schedule, model_pieces, mtp_needs_embedding, plan_stages
 from parallel.pipeline.runtime import PipelineRuntime
 from parallel.pipeline.stage import fsdp_units, mirror_rank, rank_stage_pieces
+from parallel.shards import local_shard
 
 
 class TrainingStopped(Exception):
@@ -196,7 +197,7 @@ class Trainer:
         for p in self.model.parameters():  # the same names in the same order on both ranks
             if p.grad is None:  # unused by this copy in this step: it takes the other copy's gradient
                 p.grad = torch.zeros_like(p)
-            grads.append(_local(p.grad))
+            grads.append(local_shard(p.grad))
         start = 0
         while start < len(grads):
             end, numel = start + 1, grads[start].numel()
@@ -228,7 +229,7 @@ class Trainer:
             self.pipeline.step([b.to(self.ctx.device, non_blocking=True) for b in micro_batches])
             if self.embed_copy_group is not None and self.model.embed is not None:
                 grad = self.model.embed.weight.grad  # this rank's shard, reduced over dp
-                dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=self.embed_copy_group)
+                dist.all_reduce(local_shard(grad), group=self.embed_copy_group)
             if self.mirror_group is not None:
                 self.sum_mirror_grads()
             # The loss lives on the rank of the last stage (of each copy); every pipeline rank gets it.
@@ -404,11 +405,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the whole training state; refuses weights that are not finite."""
         finite = torch.tensor(
-            float(
-                all(
-                    torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in self.model.parameters()
-                )
-            ),
+            float(all(torch.isfinite(local_shard(p)).all() for p in self.model.parameters())),
             device=self.ctx.device,
         )
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.groups.world)
@@ -535,11 +532,6 @@ def run_to_the_end(trainer: Trainer) -> int:
         print(f"moe-launch: {message}", file=sys.stderr, flush=True)
     trainer.logger.finish()
     return code
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (the tensor itself otherwise)."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
+from parallel.shards import local_shard
+
 
 def _squared_norm(grads: list[torch.Tensor], device: torch.device, summed_later: bool) -> torch.Tensor:
     """Sum of squares of `grads` in float32, DTensors grouped by (mesh, placements). `summed_later`:
@@ -26,7 +28,7 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device, summed_later:
         key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
         groups.setdefault(key, []).append(g)
     for key, members in groups.items():
-        local = [g.to_local() if isinstance(g, DTensor) else g for g in members]
+        local = [local_shard(g) for g in members]
         sq = torch.nn.utils.get_total_norm(local, norm_type=2.0).float() ** 2
         if key is not None:
             mesh, placements = members[0].device_mesh, members[0].placements
@@ -78,12 +80,7 @@ def clip_grad_norm(
     if max_norm > 0 and math.isfinite(max_norm):
         # On the device, no host sync: multiplying by a coefficient of exactly 1 changes nothing.
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        grads = [_local(p.grad) for p in dense + experts if p.grad is not None]
+        grads = [local_shard(p.grad) for p in dense + experts if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return total
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor gradient (each shard is scaled by the same factor)."""
-    return t.to_local() if hasattr(t, "to_local") else t

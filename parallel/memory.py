@@ -7,11 +7,13 @@ import resource
 import torch
 from torch import nn
 
+from parallel.shards import local_shard
+
 
 def local_bytes(t: torch.Tensor | None) -> int:
     if t is None or not isinstance(t, torch.Tensor):
         return 0
-    local = t.to_local() if hasattr(t, "to_local") else t
+    local = local_shard(t)
     return local.numel() * local.element_size()
 
 

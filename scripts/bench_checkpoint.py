@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from checkpoint.checksum import ALGORITHM  # noqa: E402
+from parallel.shards import full_tensor, local_shard  # noqa: E402
 from scripts.benchlib import print_table, rotated, run_ranks, time_collective  # noqa: E402
 
 MB, GB = 1e6, 1e9
@@ -68,15 +69,6 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- worker
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """Collective for DTensors: the whole tensor on every rank."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
 def _dir_bytes(path: Path) -> int:
@@ -209,8 +201,8 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
     optimizer.zero_grad(set_to_none=True)
 
     # Training state: this rank's shards of params + optimizer state, summed over ranks.
-    local_state = [_local(p) for p in model.parameters()]
-    local_state += [_local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    local_state = [local_shard(p) for p in model.parameters()]
+    local_state += [local_shard(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     totals = torch.tensor([float(sum(t.numel() * t.element_size() for t in local_state))], dtype=torch.float64)
     dist.all_reduce(totals)
     n_params = sum(p.numel() for p in model.parameters())  # DTensors: the global count
@@ -221,7 +213,7 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
     reference = {}
     for n in check_names:
         st = optimizer.state[named[n]]
-        reference[n] = (_full(named[n]), _full(st["exp_avg"]), _full(st["exp_avg_sq"]))
+        reference[n] = (full_tensor(named[n]), full_tensor(st["exp_avg"]), full_tensor(st["exp_avg_sq"]))
 
     base = Path(cfg["base"])
     counters = SimpleNamespace(step=1, wandb_run_id=None)
@@ -239,7 +231,7 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
         model2, opt2 = build(1)  # other weights, no optimizer state: the load has to fill both
         named2 = dict(model2.named_parameters())
         for n in check_names:
-            if torch.equal(_full(named2[n]), reference[n][0]):
+            if torch.equal(full_tensor(named2[n]), reference[n][0]):
                 raise RuntimeError(f"{n}: the fresh model already equals the saved one; the check would be empty")
         manager = CheckpointManager(
             run_dir, states(model2, opt2), keep=1, async_save=False, rank=rank, world_size=world
@@ -253,7 +245,7 @@ def _measure(rank: int, world: int, cfg: dict) -> dict:
         spent = phases.take()
         for n in check_names:
             st = opt2.state[named2[n]]
-            got = (_full(named2[n]), _full(st["exp_avg"]), _full(st["exp_avg_sq"]))
+            got = (full_tensor(named2[n]), full_tensor(st["exp_avg"]), full_tensor(st["exp_avg_sq"]))
             for what, a, b in zip(("param", "exp_avg", "exp_avg_sq"), got, reference[n], strict=True):
                 if not torch.equal(a, b):
                     raise RuntimeError(f"load check failed: {n} {what} differs from the saved tensor")

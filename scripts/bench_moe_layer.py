@@ -109,16 +109,10 @@ def quiet_fds() -> Iterator[None]:
     with tempfile.TemporaryFile(mode="w+b") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
+        failed = True
         try:
             yield
-        except BaseException:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            f.seek(0)
-            sys.stderr.write(f.read().decode(errors="replace"))
-            raise
+            failed = False
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -126,6 +120,9 @@ def quiet_fds() -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+            if failed:  # the block raised: show what it printed
+                f.seek(0)
+                sys.stderr.write(f.read().decode(errors="replace"))
 
 
 def build_deepspeed(ours: MoE, D: int, H: int, E: int, K: int):

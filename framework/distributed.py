@@ -55,6 +55,7 @@ def init_distributed(timeout_s: int = 600, device: str = "auto") -> DistContext:
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
+        # NCCL: connect now, and later groups split from it connected too (parallel/mesh.py warm_up)
         device_id=torch_device if backend == "nccl" else None,
     )
     return DistContext(rank, world, local_rank, torch_device)

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,11 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _trained_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in _records(run_dir) if "loss" in r]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -93,7 +99,9 @@ def test_node_loss_reforms_at_half_the_world_and_reshards(tmp_path):
     ]  # fmt: skip
     env = {**os.environ, **TORCHRUN_ENV}
     survivor = subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(1)  # the survivor hosts the rendezvous store; both join the first round
+    # The survivor must host the rendezvous store (the first agent to bind the port does): were
+    # it the doomed one, the store would die with it. A fixed sleep lost that race under load.
+    _wait_for(lambda: _listening(port), 120, survivor)
     doomed = subprocess.Popen(
         agent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
     )

@@ -1,6 +1,9 @@
 """Benchmark the overlapped F&B (CPU, gloo): dualpipev at pp=2 x ep=2 (4 processes), the same
 trainer with parallel.pp_overlap off and on, step by step in turn; step time, all-to-all time in
 flight and exposed (ranks blocked waiting for it), its share of the step, and the share hidden.
+Exposed time is also split by where it is waited for: inside an F&B action (the chunk pairs the
+overlap can hide) or elsewhere (the warm-up forwards and cool-down backwards, which have nothing to
+run beside them: the more micro-batches per step, the smaller their share).
 `--quick` runs a tiny model for one step per mode (the smoke test in tests/scripts/test_benchmarks.py).
 
 Every rank runs the real trainer's pipelined forward_backward_step; the runtime switches between
@@ -67,15 +70,37 @@ def config_yaml(args: argparse.Namespace, run_dir: str) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
+def _record_waits(waits: list[tuple[float, float]]) -> None:
+    """Record each all-to-all wait's (begin, end) in this process, beside TIMES' totals."""
+    from parallel import all_to_all
+
+    wait = all_to_all._Posted.wait
+
+    def timed_wait(self) -> None:
+        begin = time.perf_counter()
+        wait(self)
+        waits.append((begin, time.perf_counter()))
+
+    all_to_all._Posted.wait = timed_wait
+
+
+def _in_spans(waits: list[tuple[float, float]], spans: list[tuple[float, float]]) -> float:
+    """Seconds of the waits that lie inside one of the spans."""
+    return sum(min(e, end) - max(b, start) for b, e in waits for start, end in spans if b < end and e > start)
+
+
 def _measure(rank: int, world: int, cfg_yaml: str, warmup: int, steps: int) -> dict:
     """-> per mode, per timed step: this rank's step seconds (from a barrier to its return) and
-    its all-to-all seconds in flight and exposed."""
+    its all-to-all seconds in flight and exposed, and the part of the exposed inside F&B actions."""
     from framework.distributed import DistContext
     from framework.train import Trainer
     from parallel.all_to_all import TIMES
+    from parallel.pipeline.actions import Kind
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
     trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+    waits: list[tuple[float, float]] = []
+    _record_waits(waits)
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     for turn in range(warmup + steps):
         for mode in rotated(MODES, turn):  # alternate, so drift and load hit both modes alike
@@ -83,10 +108,14 @@ def _measure(rank: int, world: int, cfg_yaml: str, warmup: int, steps: int) -> d
             batches = trainer.loader.next_step()
             dist.barrier()
             TIMES.reset()
+            waits.clear()
+            trainer.pipeline.timings = []
             start = time.perf_counter()
             trainer.forward_backward_step(batches)
             seconds = time.perf_counter() - start
             a2a = TIMES.snapshot()
+            fb = [(t[1], t[2]) for t in trainer.pipeline.timings if len(t) == 3 and t[0].kind is Kind.FB]
+            trainer.pipeline.timings = None
             trainer.optimizer.zero_grad(set_to_none=True)
             if turn >= warmup:
                 results[mode].append(
@@ -97,6 +126,7 @@ def _measure(rank: int, world: int, cfg_yaml: str, warmup: int, steps: int) -> d
                         "n": a2a.count,
                         "ready": a2a.ready,
                         "in_overlap": a2a.in_overlap,
+                        "exposed_fb": _in_spans(waits, fb),
                     }
                 )
     return results
@@ -114,17 +144,20 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         per_rank = run_ranks(_measure, 4, config_yaml(args, tmp), args.warmup, args.steps, timeout_s=1800)
-    rows, exposed_off = [], None
+    rows, exposed_off, exposed_fb_off = [], 0.0, 0.0
     for mode in MODES:
         # a step lasts as long as its slowest rank; all-to-all times are per rank, averaged
         step = statistics.fmean(max(r[mode][i]["step"] for r in per_rank) for i in range(args.steps))
         exposed = statistics.fmean(x["exposed"] for r in per_rank for x in r[mode])
+        exposed_fb = statistics.fmean(x["exposed_fb"] for r in per_rank for x in r[mode])
         in_flight = statistics.fmean(x["in_flight"] for r in per_rank for x in r[mode])
         count = statistics.fmean(x["n"] for r in per_rank for x in r[mode])
         in_overlap = statistics.fmean(x["in_overlap"] for r in per_rank for x in r[mode])
         ready = statistics.fmean(x["ready"] / x["n"] for r in per_rank for x in r[mode] if x["n"])
-        exposed_off = exposed if mode == "off" else exposed_off
+        if mode == "off":
+            exposed_off, exposed_fb_off = exposed, exposed_fb
         hidden = f"{100 * (1 - exposed / exposed_off):.0f}" if mode == "on" and exposed_off else "-"
+        hidden_fb = f"{100 * (1 - exposed_fb / exposed_fb_off):.0f}" if mode == "on" and exposed_fb_off else "-"
         rows.append(
             [
                 mode,
@@ -136,19 +169,25 @@ def main() -> None:
                 f"{100 * exposed / step:.1f}",
                 f"{100 * ready:.0f}",
                 hidden,
+                f"{1e3 * exposed_fb:.1f}",
+                f"{1e3 * (exposed - exposed_fb):.1f}",
+                hidden_fb,
             ]
         )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print()
     header = ["pp_overlap", "step ms", "all-to-alls", "in F&B", "in flight ms", "exposed ms", "exposed % of step"]
-    print_table([*header, "done before wait %", "hidden % (vs off)"], rows, left=1)
+    split = ["exposed in F&B ms", "exposed elsewhere ms", "hidden in F&B %"]
+    print_table([*header, "done before wait %", "hidden % (vs off)", *split], rows, left=1)
     print()
     print("per rank and step, mean over ranks. in F&B: all-to-alls waited for inside an overlapped F&B (the")
     print("other side ran meanwhile). in flight: from posting an all-to-all to the end of its wait. exposed:")
     print("time blocked waiting for all-to-alls (for the data, for a slow peer to post too, for this thread")
     print("to wake up); with pp_overlap off that is the all-to-all time. done before wait: all-to-alls already")
     print("complete when waited for (fully hidden).")
-    print("hidden: 1 - exposed(on) / exposed(off).")
+    print("hidden: 1 - exposed(on) / exposed(off). exposed in F&B / elsewhere: waited for inside an F&B action")
+    print("(what the overlap can hide; with it off, the same chunk pairs run one after the other) or in the")
+    print("other actions (warm-up forwards, cool-down backwards); hidden in F&B: 1 - in F&B(on) / in F&B(off).")
 
 
 if __name__ == "__main__":

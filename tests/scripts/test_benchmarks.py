@@ -94,7 +94,7 @@ def test_bench_overlap_runs_the_overlapped_path_and_its_times_add_up():
     (table,) = _tables(stdout)
     assert table[0] == [
         "pp_overlap", "step ms", "all-to-alls", "in F&B", "in flight ms", "exposed ms", "exposed % of step",
-        "done before wait %", "hidden % (vs off)",
+        "done before wait %", "hidden % (vs off)", "exposed in F&B ms", "exposed elsewhere ms", "hidden in F&B %",
     ]  # fmt: skip
     rows = {row[0]: row for row in table[1:]}
     assert list(rows) == ["off", "on"]
@@ -109,6 +109,10 @@ def test_bench_overlap_runs_the_overlapped_path_and_its_times_add_up():
     assert rows["off"][8] == "-"
     exposed_off, exposed_on = values["off"][4], values["on"][4]
     assert float(rows["on"][8]) == pytest.approx(100 * (1 - exposed_on / exposed_off), abs=2)
+    for mode, row in rows.items():  # the exposed time splits into inside and outside F&B actions
+        in_fb, elsewhere = float(row[9]), float(row[10])
+        assert in_fb >= 0 and elsewhere >= -0.1 and in_fb + elsewhere == pytest.approx(values[mode][4], abs=0.2)
+    assert float(rows["off"][9]) > 0  # off, the F&B chunk pairs wait for their all-to-alls too
 
 
 def test_bench_pipeline_tables_per_schedule_and_pp():

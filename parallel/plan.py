@@ -17,6 +17,9 @@ ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 FP32 = 4  # master weights, gradients, AdamW state, reductions, what stays fp32 in compute, and the
 # pipeline's messages (parallel/pipeline/runtime.py WIRE_DTYPE)
 INT64 = 8  # token ids and routing indices that autograd keeps
+# The FSDP units of parallel/fsdp.py that are not blocks: the root (final norm, head) stays gathered
+# from forward to backward; the embedding is gathered for each forward call only (never in backward).
+ROOT, EMBED = "root", "embed"
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class ParamSpec:
 
     name: str
     shape: tuple[int, ...]
-    unit: str  # the FSDP unit that shards it: "root", "layers.3", "layers.3.ffn.experts", "mtp.0", ...
+    unit: str  # the FSDP unit that shards it: "embed", "root", "layers.3", "layers.3.ffn.experts", "mtp.0", ...
     expert: bool  # [E, ...] routed-expert stack: EP-sharded, then FSDP over expert data parallel
     fp32_compute: bool  # stays fp32 under bf16 (embedding, head, final norm, routers)
 
@@ -67,11 +70,11 @@ def _block_params(m, prefix: str, unit: str, moe: bool) -> list[ParamSpec]:
 
 def model_params(m) -> list[ParamSpec]:
     """Every parameter of MoETransformer(ModelArgs.from_config(m)), in registration order."""
-    root = [ParamSpec("embed.weight", (m.vocab_size, m.dim), "root", False, True)]
+    root = [ParamSpec("embed.weight", (m.vocab_size, m.dim), EMBED, False, True)]
     for i in range(m.n_layers):
         root += _block_params(m, f"layers.{i}", f"layers.{i}", moe=i >= m.first_k_dense)
-    root.append(ParamSpec("norm.weight", (m.dim,), "root", False, True))
-    root.append(ParamSpec("head.weight", (m.vocab_size, m.dim), "root", False, True))
+    root.append(ParamSpec("norm.weight", (m.dim,), ROOT, False, True))
+    root.append(ParamSpec("head.weight", (m.vocab_size, m.dim), ROOT, False, True))
     mtp_moe = m.n_layers > m.first_k_dense
     for k in range(m.mtp_depth):
         p, unit = f"mtp.{k}", f"mtp.{k}"
@@ -282,21 +285,25 @@ def _block_group(unit: str) -> str:
 
 def fsdp_in_flight_bytes(params: list[ParamSpec], layout: Layout, precision: str, accumulate: bool) -> int:
     """Unsharded copies next to the shards at the start of the last micro-batch's backward.
-    The root (embedding, final norm, head) stays gathered in fp32 from forward to backward and
-    its head gradient (fp32, unsharded) appears first. Two blocks are gathered in compute dtype
-    (the one running and the one prefetched); one block's gradients exist in compute dtype
-    and as the fp32 reduce-scatter input. With gradient accumulation the root's unsharded
-    gradients are part of the accumulated ones, so they are not counted twice here."""
+    The root (final norm, head) stays gathered in fp32 from forward to backward and its head
+    gradient (fp32, unsharded) appears first; the embedding is resharded after its forward and
+    never gathered again, but with MTP modules its fp32 gradient appears early in the backward
+    (theirs runs first) and stays unsharded to its end. Two blocks are gathered in compute dtype
+    (the one running and the one prefetched); one block's gradients exist in compute dtype and
+    as the fp32 reduce-scatter input. With gradient accumulation the root's and the embedding's
+    unsharded gradients are part of the accumulated ones, so they are not counted twice here."""
     p = _compute_bytes(precision)
-    root = sum(s.numel for s in params if s.unit == "root")
+    root = sum(s.numel for s in params if s.unit == ROOT)
+    mtp = any(s.unit.startswith("mtp.") for s in params)
+    embed_grads = 0 if accumulate or not mtp else FP32 * sum(s.numel for s in params if s.unit == EMBED)
     blocks: dict[str, list[int]] = {}
     for s in params:
-        if s.unit != "root":
+        if s.unit not in (ROOT, EMBED):
             elems = blocks.setdefault(_block_group(s.unit), [0, 0])
             elems[1 if s.fp32_compute else 0] += s.numel // layout.ep if s.expert else s.numel
     gathered = sorted((p * lo + FP32 * hi for lo, hi in blocks.values()), reverse=True)
     grads = max(((p + FP32) * lo + 2 * FP32 * hi for lo, hi in blocks.values()), default=0)
-    return FP32 * root * (1 if accumulate else 2) + sum(gathered[:2]) + grads
+    return FP32 * root * (1 if accumulate else 2) + embed_grads + sum(gathered[:2]) + grads
 
 
 def unit_gather_bytes(params: list[ParamSpec], layout: Layout, precision: str) -> dict[str, int]:
@@ -414,6 +421,7 @@ def pipeline_unit_walk(
     unit_stages: dict[str, frozenset[int]],
     unit_bytes: dict[str, int],
     kept: frozenset[str] = frozenset(),
+    forward_only: frozenset[str] = frozenset(),
 ) -> UnitWalk:
     """FSDP2 under parallel/pipeline/runtime.py, walked over `rank`'s action list. A unit (used by
     the stages `unit_stages[u]`, `unit_bytes[u]` gathered) is all-gathered by a forward or a
@@ -421,9 +429,10 @@ def pipeline_unit_walk(
     its default for every unit but the root), while the runtime keeps it unsharded after a
     backward until the step ends (parallel/compat.py defer_fsdp_gradient_reduction), so a
     forward right after a backward of its stage gathers nothing. Units in `kept` (the root)
-    are never resharded within the step: gathered once. A backward is BW, B, or on the first
-    stage W (stage 0 has no input gradient: its B computes nothing and its W the whole
-    backward); W elsewhere reads no weight. FSDP2's backward prefetch moves gathers earlier and
+    are never resharded within the step: gathered once; units in `forward_only` (the
+    embedding) are never gathered by a backward, which reads none of their weights. A backward
+    is BW, B, or on the first stage W (stage 0 has no input gradient: its B computes nothing
+    and its W the whole backward); W elsewhere reads no weight. FSDP2's backward prefetch moves gathers earlier and
     now and then adds one (a prefetched unit that a forward reshards unused): measured on CPU
     layouts, the gathered bytes come out within 3% (tests/parallel/test_plan.py)."""
     gathered = dict.fromkeys(unit_stages, False)
@@ -435,6 +444,8 @@ def pipeline_unit_walk(
             if part.kind is not Kind.F and not backward:
                 continue
             users = [u for u, stages in unit_stages.items() if part.stage in stages]
+            if backward:
+                users = [u for u in users if u not in forward_only]
             fresh = [u for u in users if not gathered[u]]
             before = sum(unit_bytes[u] for u, on in gathered.items() if on)
             for u in users:
@@ -496,8 +507,10 @@ def plan(
             activations = activation_bytes(m, micro_batch_size, precision, activation_checkpointing, layout.ep)
             passes = micro_batches
             # Forward gathers every unit, backward every unit but the root again (FSDP2 keeps the
-            # root gathered from forward to backward and reshards the others after forward).
-            gathers = {s.unit: micro_batches * (1 if s.unit == "root" else 2) for s in params}
+            # root gathered from forward to backward and reshards the others after forward); the
+            # embedding is gathered by each of its forward calls (the MTP modules' too) only.
+            calls = {ROOT: 1, EMBED: 1 + (m.mtp_depth > 0)}
+            gathers = {s.unit: micro_batches * calls.get(s.unit, 2) for s in params}
             in_flight = fsdp_in_flight_bytes(params, layout, precision, accumulate)
         else:
             held = stages[pp_rank]
@@ -515,7 +528,8 @@ def plan(
                 pp_rank,
                 unit_stages(params, held, m.mtp_depth),
                 unit_gather_bytes(params, layout, precision),
-                kept=frozenset({"root"}),
+                kept=frozenset({ROOT}),
+                forward_only=frozenset({EMBED}),
             )
             gathers, in_flight = walk.gathers, pipeline_fsdp_in_flight(params, layout, precision, walk)
         # A pipeline keeps every unit's fp32 gradient unsharded until the step ends (runtime.py).

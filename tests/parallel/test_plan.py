@@ -3,6 +3,8 @@ activations autograd saves, and the per-rank bytes the trainer measures on gloo 
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -395,17 +397,41 @@ def test_pipeline_memory_estimate_is_the_measured_bytes_per_rank(name, tmp_path)
 # -- pipeline layouts against measurement: saved activations at their peak, FSDP collective bytes --
 
 
+def gathered_bytes(units) -> int:
+    """Bytes of the FSDP2 units' parameters that are gathered (unsharded) now (FSDP2's private
+    parameter-group state, read through parallel/compat.py)."""
+    from parallel.compat import fsdp_param_groups, fsdp_state
+
+    groups = [group for unit in units for group in fsdp_param_groups(fsdp_state(unit))]
+    return sum(
+        p.unsharded_param.numel() * p.unsharded_param.element_size()
+        for group in groups
+        if group.is_unsharded
+        for p in group.fsdp_params
+    )
+
+
 def _pipeline_step_measured(rank: int, world: int, cfg_yaml: str) -> dict:
-    """Train one step; -> the peak of saved activation bytes and the FSDP collective bytes sent."""
+    """Train one step; -> the peak of saved activation bytes, the FSDP collective bytes sent, and
+    the most bytes of gathered parameters between two compute actions."""
     from framework.distributed import DistContext
     from framework.train import Trainer
+    from parallel.pipeline import runtime
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
     trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+    pipeline, gathered = trainer.pipeline, [0]
+
+    def sample(*args, original):  # before each compute action, and before the step's reduction
+        gathered[0] = max(gathered[0], gathered_bytes(pipeline.units))
+        return original(*args)
+
+    pipeline._wait_for_inputs = partial(sample, original=pipeline._wait_for_inputs)
+    runtime.reduce_fsdp_gradients = partial(sample, original=runtime.reduce_fsdp_gradients)
     saved = LiveSavedBytes(trainer.model)
     with CollectiveBytes() as sent, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
         trainer.train_step()
-    return {"peak_saved": saved.peak, "sent": sent.sent}
+    return {"peak_saved": saved.peak, "sent": sent.sent, "gathered": gathered[0]}
 
 
 PIPELINE_MEASURED = {  # the harness model, pp=2 x dp_shard=2: 4 micro-batches per step
@@ -429,6 +455,8 @@ def test_pipeline_activations_and_fsdp_bytes_within_10_percent_of_measured(name,
         logits = logits_bytes(cfg.model, t.micro_batch_size) if "head" in held else 0
         assert estimate.ranks[rank].activations - logits == pytest.approx(got["peak_saved"], rel=0.10), rank
         assert fsdp_bytes(estimate.pipeline_comm[pp_rank]) == pytest.approx(got["sent"], rel=0.10), rank
+        # fp32: FSDP unsharded is the walk's most gathered at once (no bf16 gradient copies)
+        assert estimate.ranks[rank].fsdp_in_flight == pytest.approx(got["gathered"], rel=0.10), rank
 
 
 def test_pipeline_unit_walk_follows_fsdp2_under_the_runtime():

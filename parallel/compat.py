@@ -73,6 +73,17 @@ def set_gradient_divide_factor(module: nn.Module, factor: float, shard_group_siz
         module.set_force_sum_reduction_for_comms(True)
 
 
+def set_unshard_in_backward(module: nn.Module, unshard: bool) -> None:
+    """Whether FSDP2 gathers the unit `module`'s weights before its backward (False for a unit whose
+    backward reads no weight, e.g. an embedding; public FSDPModule setter, present 2.11 to 2.13)."""
+    if not hasattr(module, "set_unshard_in_backward"):
+        raise RuntimeError(
+            f"this torch ({torch.__version__}) has no FSDPModule.set_unshard_in_backward; moe-launch supports "
+            "torch 2.11 to 2.15"
+        )
+    module.set_unshard_in_backward(unshard)
+
+
 def local_shape_and_global_offset(param) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(local shape, global offset) of this rank's shard of the DTensor `param`, strided
     FSDP-over-EP shards included. The helper is private in torch (2.4 onwards, same signature

@@ -17,6 +17,9 @@ ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 FP32 = 4  # master weights, gradients, AdamW state, reductions, what stays fp32 in compute, and the
 # pipeline's messages (parallel/pipeline/runtime.py WIRE_DTYPE)
 INT64 = 8  # token ids and routing indices that autograd keeps
+# The FSDP units of parallel/fsdp.py that are not blocks: the root (final norm, head) stays gathered
+# from forward to backward; the embedding is gathered for each forward call only (never in backward).
+ROOT, EMBED = "root", "embed"
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class ParamSpec:
 
     name: str
     shape: tuple[int, ...]
-    unit: str  # the FSDP unit that shards it: "root", "layers.3", "layers.3.ffn.experts", "mtp.0", ...
+    unit: str  # the FSDP unit that shards it: "embed", "root", "layers.3", "layers.3.ffn.experts", "mtp.0", ...
     expert: bool  # [E, ...] routed-expert stack: EP-sharded, then FSDP over expert data parallel
     fp32_compute: bool  # stays fp32 under bf16 (embedding, head, final norm, routers)
 
@@ -67,11 +70,11 @@ def _block_params(m, prefix: str, unit: str, moe: bool) -> list[ParamSpec]:
 
 def model_params(m) -> list[ParamSpec]:
     """Every parameter of MoETransformer(ModelArgs.from_config(m)), in registration order."""
-    root = [ParamSpec("embed.weight", (m.vocab_size, m.dim), "root", False, True)]
+    root = [ParamSpec("embed.weight", (m.vocab_size, m.dim), EMBED, False, True)]
     for i in range(m.n_layers):
         root += _block_params(m, f"layers.{i}", f"layers.{i}", moe=i >= m.first_k_dense)
-    root.append(ParamSpec("norm.weight", (m.dim,), "root", False, True))
-    root.append(ParamSpec("head.weight", (m.vocab_size, m.dim), "root", False, True))
+    root.append(ParamSpec("norm.weight", (m.dim,), ROOT, False, True))
+    root.append(ParamSpec("head.weight", (m.vocab_size, m.dim), ROOT, False, True))
     mtp_moe = m.n_layers > m.first_k_dense
     for k in range(m.mtp_depth):
         p, unit = f"mtp.{k}", f"mtp.{k}"
@@ -151,6 +154,7 @@ class Plan:
     ranks: list[RankMemory]  # index = global rank
     comm: list[CommVolume]  # with a pipeline: the busiest pipeline rank's bytes, per collective
     pipeline: tuple[PipelineRank, ...] = ()  # index = pipeline rank; empty when pp == 1
+    pipeline_comm: tuple[tuple[CommVolume, ...], ...] = ()  # index = pipeline rank: its own bytes
 
 
 @dataclass(frozen=True)
@@ -281,21 +285,54 @@ def _block_group(unit: str) -> str:
 
 def fsdp_in_flight_bytes(params: list[ParamSpec], layout: Layout, precision: str, accumulate: bool) -> int:
     """Unsharded copies next to the shards at the start of the last micro-batch's backward.
-    The root (embedding, final norm, head) stays gathered in fp32 from forward to backward and
-    its head gradient (fp32, unsharded) appears first. Two blocks are gathered in compute dtype
-    (the one running and the one prefetched); one block's gradients exist in compute dtype
-    and as the fp32 reduce-scatter input. With gradient accumulation the root's unsharded
-    gradients are part of the accumulated ones, so they are not counted twice here."""
+    The root (final norm, head) stays gathered in fp32 from forward to backward and its head
+    gradient (fp32, unsharded) appears first; the embedding is resharded after its forward and
+    never gathered again, but with MTP modules its fp32 gradient appears early in the backward
+    (theirs runs first) and stays unsharded to its end. Two blocks are gathered in compute dtype
+    (the one running and the one prefetched); one block's gradients exist in compute dtype and
+    as the fp32 reduce-scatter input. With gradient accumulation the root's and the embedding's
+    unsharded gradients are part of the accumulated ones, so they are not counted twice here."""
     p = _compute_bytes(precision)
-    root = sum(s.numel for s in params if s.unit == "root")
+    root = sum(s.numel for s in params if s.unit == ROOT)
+    mtp = any(s.unit.startswith("mtp.") for s in params)
+    embed_grads = 0 if accumulate or not mtp else FP32 * sum(s.numel for s in params if s.unit == EMBED)
     blocks: dict[str, list[int]] = {}
     for s in params:
-        if s.unit != "root":
+        if s.unit not in (ROOT, EMBED):
             elems = blocks.setdefault(_block_group(s.unit), [0, 0])
             elems[1 if s.fp32_compute else 0] += s.numel // layout.ep if s.expert else s.numel
     gathered = sorted((p * lo + FP32 * hi for lo, hi in blocks.values()), reverse=True)
     grads = max(((p + FP32) * lo + 2 * FP32 * hi for lo, hi in blocks.values()), default=0)
-    return FP32 * root * (1 if accumulate else 2) + sum(gathered[:2]) + grads
+    return FP32 * root * (1 if accumulate else 2) + embed_grads + sum(gathered[:2]) + grads
+
+
+def unit_gather_bytes(params: list[ParamSpec], layout: Layout, precision: str) -> dict[str, int]:
+    """FSDP unit -> the bytes one all-gather of it produces on a rank holding `params`: the whole
+    unit in its compute dtype (what computes in fp32 stays fp32), routed experts the rank's 1/ep."""
+    p = _compute_bytes(precision)
+    out: dict[str, int] = {}
+    for s in params:
+        elems = s.numel // layout.ep if s.expert else s.numel
+        out[s.unit] = out.get(s.unit, 0) + elems * (FP32 if s.fp32_compute else p)
+    return out
+
+
+def _is_expert_unit(unit: str) -> bool:
+    return unit.endswith(".experts")
+
+
+def pipeline_fsdp_in_flight(params: list[ParamSpec], layout: Layout, precision: str, walk: UnitWalk) -> int:
+    """Unsharded copies on a pipeline rank at their most: the gathered units of the walk (the root
+    for the whole step, each stage's units from a backward to the stage's next forward) and, under
+    bf16, one unit's gradients in bf16 before FSDP2 folds them into their fp32 accumulators. The
+    fp32 unsharded gradients themselves are the accumulated grads (every unit, all step)."""
+    if precision != "bf16":
+        return walk.peak_gathered
+    lo: dict[str, int] = {}
+    for s in params:
+        if not s.fp32_compute:
+            lo[s.unit] = lo.get(s.unit, 0) + (s.numel // layout.ep if s.expert else s.numel)
+    return walk.peak_gathered + _compute_bytes(precision) * max(lo.values(), default=0)
 
 
 def piece_of(name: str) -> str | None:
@@ -315,10 +352,32 @@ def kept_pieces(stage_pieces: list[tuple[str, ...]], mtp_depth: int) -> frozense
     return pieces | {"embed"} if "head" in pieces and mtp_depth > 0 else pieces
 
 
+def unit_stages(params: list[ParamSpec], held: PipelineRank, mtp_depth: int) -> dict[str, frozenset[int]]:
+    """FSDP unit -> the stages of a pipeline rank that run it: the stages of its parameters' pieces;
+    the embedding also serves the head's stage, where the MTP modules embed the next tokens."""
+    stages_of: dict[str, set[int]] = {}
+    for stage, names in held.stages:
+        for name in names:
+            stages_of.setdefault(name, set()).add(stage)
+    uses = {piece: set(stages) for piece, stages in stages_of.items()}
+    if mtp_depth:
+        uses["embed"] = stages_of.get("embed", set()) | stages_of.get("head", set())
+    out: dict[str, set[int]] = {}
+    for s in params:
+        out.setdefault(s.unit, set()).update(uses.get(piece_of(s.name), set()))
+    return {unit: frozenset(stages) for unit, stages in out.items()}
+
+
+def _releases(part) -> bool:
+    """Does this part of an action free its micro-batch's saved activations? BW does, and W: B
+    (parallel/pipeline/backward_split.py) runs with the graph retained, which its W then frees."""
+    return part.kind in (Kind.BW, Kind.W)
+
+
 def in_flight_microbatches(schedule: PipelineSchedule) -> dict[int, dict[int, int]]:
     """rank -> stage -> the most micro-batches whose activations the stage holds at once: the
-    maximum over the rank's action list of forwards done minus backwards (B or BW) done. W keeps
-    only what the weight gradients need; F&B counts its forward first."""
+    maximum over the rank's action list of forwards done minus BW or W done (a B keeps its
+    micro-batch's whole graph until the W). F&B counts its forward first."""
     counts: dict[int, dict[int, int]] = {}
     for rank in range(schedule.pp):
         live: dict[int, int] = {}
@@ -328,7 +387,7 @@ def in_flight_microbatches(schedule: PipelineSchedule) -> dict[int, dict[int, in
                 if part.kind is Kind.F:
                     live[part.stage] = live.get(part.stage, 0) + 1
                     most[part.stage] = max(most.get(part.stage, 0), live[part.stage])
-                elif part.kind in (Kind.B, Kind.BW):
+                elif _releases(part):
                     live[part.stage] -= 1
         counts[rank] = most
     return counts
@@ -343,9 +402,60 @@ def peak_in_flight_bytes(schedule: PipelineSchedule, rank: int, stage_bytes: dic
             if part.kind is Kind.F:
                 live += stage_bytes[part.stage]
                 peak = max(peak, live)
-            elif part.kind in (Kind.B, Kind.BW):
+            elif _releases(part):
                 live -= stage_bytes[part.stage]
     return peak
+
+
+@dataclass(frozen=True)
+class UnitWalk:
+    """What FSDP2 does with a pipeline rank's units over one step (pipeline_unit_walk)."""
+
+    gathers: dict[str, int]  # unit -> all-gathers per step
+    peak_gathered: int  # the most bytes of gathered (unsharded) parameters at once
+
+
+def pipeline_unit_walk(
+    schedule: PipelineSchedule,
+    rank: int,
+    unit_stages: dict[str, frozenset[int]],
+    unit_bytes: dict[str, int],
+    kept: frozenset[str] = frozenset(),
+    forward_only: frozenset[str] = frozenset(),
+) -> UnitWalk:
+    """FSDP2 under parallel/pipeline/runtime.py, walked over `rank`'s action list. A unit (used by
+    the stages `unit_stages[u]`, `unit_bytes[u]` gathered) is all-gathered by a forward or a
+    backward that finds it sharded; FSDP2 reshards it after each forward (`reshard_after_forward`,
+    its default for every unit but the root), while the runtime keeps it unsharded after a
+    backward until the step ends (parallel/compat.py defer_fsdp_gradient_reduction), so a
+    forward right after a backward of its stage gathers nothing. Units in `kept` (the root)
+    are never resharded within the step: gathered once; units in `forward_only` (the
+    embedding) are never gathered by a backward, which reads none of their weights. A backward
+    is BW, B, or on the first stage W (stage 0 has no input gradient: its B computes nothing
+    and its W the whole backward); W elsewhere reads no weight. FSDP2's backward prefetch moves gathers earlier and
+    now and then adds one (a prefetched unit that a forward reshards unused): measured on CPU
+    layouts, the gathered bytes come out within 3% (tests/parallel/test_plan.py)."""
+    gathered = dict.fromkeys(unit_stages, False)
+    gathers = dict.fromkeys(unit_stages, 0)
+    peak = 0
+    for action in schedule.compute_actions(rank):
+        for part in action.parts():
+            backward = part.kind is Kind.BW or part.kind is (Kind.W if part.stage == 0 else Kind.B)
+            if part.kind is not Kind.F and not backward:
+                continue
+            users = [u for u, stages in unit_stages.items() if part.stage in stages]
+            if backward:
+                users = [u for u in users if u not in forward_only]
+            fresh = [u for u in users if not gathered[u]]
+            before = sum(unit_bytes[u] for u, on in gathered.items() if on)
+            for u in users:
+                gathers[u] += u in fresh
+                gathered[u] = backward or u in kept
+            after = sum(unit_bytes[u] for u, on in gathered.items() if on)
+            # A forward gathers its sharded units one at a time (each resharded after its own forward).
+            running = 0 if backward else max((unit_bytes[u] for u in fresh), default=0)
+            peak = max(peak, after, before + running)
+    return UnitWalk(gathers, peak)
 
 
 def pipeline_ranks(
@@ -396,6 +506,12 @@ def plan(
             params, buffers = all_params, all_buffers
             activations = activation_bytes(m, micro_batch_size, precision, activation_checkpointing, layout.ep)
             passes = micro_batches
+            # Forward gathers every unit, backward every unit but the root again (FSDP2 keeps the
+            # root gathered from forward to backward and reshards the others after forward); the
+            # embedding is gathered by each of its forward calls (the MTP modules' too) only.
+            calls = {ROOT: 1, EMBED: 1 + (m.mtp_depth > 0)}
+            gathers = {s.unit: micro_batches * calls.get(s.unit, 2) for s in params}
+            in_flight = fsdp_in_flight_bytes(params, layout, precision, accumulate)
         else:
             held = stages[pp_rank]
             params = [s for s in all_params if piece_of(s.name) in held.pieces]
@@ -407,8 +523,20 @@ def plan(
             if "head" in ran:  # the loss takes one micro-batch's logits at a time
                 activations += logits_bytes(m, micro_batch_size)
             passes = micro_batches // schedule.directions  # DualPipe: each stage runs half the micro-batches
-        memory_of.append(_rank_memory(params, buffers, layout, precision, accumulate, activations))
-        comm = communication(m, layout, params, precision, micro_batch_size, passes, activation_checkpointing)
+            walk = pipeline_unit_walk(
+                schedule,
+                pp_rank,
+                unit_stages(params, held, m.mtp_depth),
+                unit_gather_bytes(params, layout, precision),
+                kept=frozenset({ROOT}),
+                forward_only=frozenset({EMBED}),
+            )
+            gathers, in_flight = walk.gathers, pipeline_fsdp_in_flight(params, layout, precision, walk)
+        # A pipeline keeps every unit's fp32 gradient unsharded until the step ends (runtime.py).
+        memory_of.append(
+            _rank_memory(params, buffers, layout, accumulate or schedule is not None, activations, in_flight)
+        )
+        comm = communication(m, layout, params, precision, micro_batch_size, passes, activation_checkpointing, gathers)
         if schedule is not None:
             comm += pipeline_communication(m, layout, schedule, pp_rank, params, micro_batch_size, embed_pair)
         comms.append(comm)
@@ -427,6 +555,7 @@ def plan(
         ranks=[memory_of[rank // layout.dp](rank % layout.dp) for rank in range(layout.world_size)],
         comm=[max(kind, key=lambda c: c.bytes_per_step) for kind in zip(*comms, strict=True)],
         pipeline=tuple(stages),
+        pipeline_comm=tuple(map(tuple, comms)) if schedule is not None else (),
     )
 
 
@@ -434,13 +563,13 @@ def _rank_memory(
     params: list[ParamSpec],
     buffers: dict[str, tuple[int, ...]],
     layout: Layout,
-    precision: str,
     accumulate: bool,
     activations: int,
+    in_flight: int,
 ) -> Callable[[int], RankMemory]:
     """-> data-parallel rank -> the RankMemory of a rank that holds `params` (the whole model, or
-    one pipeline rank's pieces), sharded over dp and ep as framework/build.py shards them."""
-    in_flight = fsdp_in_flight_bytes(params, layout, precision, accumulate)
+    one pipeline rank's pieces), sharded over dp and ep as framework/build.py shards them;
+    `in_flight`: its FSDP unsharded copies."""
     # With gradient accumulation FSDP2 skips the reduce-scatter on all but the last
     # micro-batch and keeps every unit's unsharded gradient in fp32 in between.
     rank_elems = sum(s.numel // layout.ep if s.expert else s.numel for s in params)
@@ -480,19 +609,17 @@ def communication(
     micro_batch_size: int,
     micro_batches: int,
     checkpointing: str,
+    gathers: dict[str, int],
 ) -> list[CommVolume]:
     """Bytes each rank sends per optimizer step, per kind of collective, for a rank holding
-    `params` that runs each of its blocks on `micro_batches` micro-batches per step."""
+    `params` that runs each of its blocks on `micro_batches` micro-batches per step and
+    all-gathers each FSDP unit `gathers[unit]` times per step. Gradients are reduced once per step."""
     p = _compute_bytes(precision)
     dense = [s for s in params if not s.expert]
-    root = sum(s.numel for s in dense if s.unit == "root")
-    blocks_lo = sum(s.numel for s in dense if s.unit != "root" and not s.fp32_compute)
-    blocks_hi = sum(s.numel for s in dense if s.unit != "root" and s.fp32_compute)
     local_experts = sum(s.numel for s in params if s.expert) // layout.ep
-    # Per micro-batch, forward gathers every unit and backward every unit but the root again
-    # (FSDP2 reshards non-root units after forward). Gradients are reduced once per step.
-    dense_gather = FP32 * root + 2 * (p * blocks_lo + FP32 * blocks_hi)
-    expert_gather = 2 * p * local_experts
+    gathered = unit_gather_bytes(params, layout, precision)
+    dense_gather = sum(n * gathered[u] for u, n in gathers.items() if not _is_expert_unit(u))
+    expert_gather = sum(n * gathered[u] for u, n in gathers.items() if _is_expert_unit(u))
     dense_grads, expert_grads = FP32 * sum(s.numel for s in dense), FP32 * local_experts
     # EP: every MoE block sends each routed (token, slot) row out (dispatch) and back
     # (combine), and their gradients the other way; with balanced routing (ep-1)/ep of the
@@ -505,9 +632,9 @@ def communication(
     sizes.update(dp_replicate=layout.dp_replicate, edp_replicate=layout.edp_replicate)
     volumes = [
         ("EP all-to-all: dispatch + combine, fwd + bwd", "ep", a2a * micro_batches),
-        ("FSDP all-gather: dense params", "dp_shard", dense_gather * micro_batches * _ring(layout.dp_shard)),
+        ("FSDP all-gather: dense params", "dp_shard", dense_gather * _ring(layout.dp_shard)),
         ("FSDP reduce-scatter: dense grads", "dp_shard", dense_grads * _ring(layout.dp_shard)),
-        ("FSDP all-gather: expert params", "edp_shard", expert_gather * micro_batches * _ring(layout.edp_shard)),
+        ("FSDP all-gather: expert params", "edp_shard", expert_gather * _ring(layout.edp_shard)),
         ("FSDP reduce-scatter: expert grads", "edp_shard", expert_grads * _ring(layout.edp_shard)),
         # Ring all-reduce of each rank's gradient shard across the replicas: 2(n-1)/n.
         (

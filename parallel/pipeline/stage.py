@@ -54,8 +54,11 @@ def keep_pieces(model: nn.Module, pieces: frozenset[str]) -> None:
 
 def fsdp_units(model: nn.Module, pieces: frozenset[str]) -> list[nn.Module]:
     """The FSDP-wrapped modules whose parameters a stage of `pieces` uses (its blocks with their
-    experts, its MTP modules, and the root, which holds the embedding, final norm and head)."""
+    experts, its MTP modules, the embedding (its own unit: for the first stage, and for the MTP
+    modules on the head's), and the root, which holds the final norm and head)."""
     subtrees: list[nn.Module] = []
+    if model.embed is not None and ("embed" in pieces or ("head" in pieces and len(model.mtp) > 0)):
+        subtrees.append(model.embed)
     for name in sorted(pieces):
         if name.startswith("layers."):
             subtrees.append(model.layers[name.removeprefix("layers.")])

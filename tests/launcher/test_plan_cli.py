@@ -27,15 +27,16 @@ def test_plan_prints_memory_per_rank_and_communication(capsys):
 
 
 def test_deepseek_v3_on_32_nodes_of_80_gb_with_ep_64(capsys):
-    """The README's question: not with 4K sequences (81 GB with full checkpointing), yes with 2K."""
+    """The README's question: not without checkpointing, yes with full checkpointing (77 GB of 80:
+    the embedding, its own FSDP unit, is not held gathered at the peak), more easily with 2K."""
     assert main(DEEPSEEK_ON_32_NODES) == 1  # exit code 1: does not fit
     out = capsys.readouterr().out
     assert "world 256 = 32 nodes x 8" in out and "does NOT fit" in out
     full = [*DEEPSEEK_ON_32_NODES, "train.activation_checkpointing=full"]
-    assert main(full) == 1
-    assert "does NOT fit: the largest rank needs 80.95 of 80 GB (101%)" in capsys.readouterr().out
+    assert main(full) == 0
+    assert "fits: the largest rank needs 77.24 of 80 GB (97%)" in capsys.readouterr().out
     assert main([*full, "model.seq_len=2048"]) == 0
-    assert "fits: the largest rank needs 72.26 of 80 GB (90%)" in capsys.readouterr().out
+    assert "fits: the largest rank needs 68.56 of 80 GB (86%)" in capsys.readouterr().out
     # Gradient accumulation: FSDP2 keeps unsharded gradients between micro-batches.
     assert main([*full, "model.seq_len=2048", "train.global_batch_size=512"]) == 1
 

@@ -7,7 +7,12 @@ from torch.utils._pytree import tree_flatten
 
 from framework.model.args import ModelArgs
 from framework.model.moe.router import Router, Routing
-from parallel.compat import grouped_mm_supported, register_pytree_dataclass, set_gradient_divide_factor
+from parallel.compat import (
+    grouped_mm_supported,
+    register_pytree_dataclass,
+    set_gradient_divide_factor,
+    set_unshard_in_backward,
+)
 
 
 def test_routing_flattens_into_its_tensors_as_torch_2_11_fsdp_searches_outputs():
@@ -29,6 +34,8 @@ def test_grouped_mm_probe_answers_per_device_and_dtype():
 def test_divide_factor_on_a_module_without_fsdp_says_what_is_missing():
     with pytest.raises(RuntimeError, match=r"has no FSDPModule.set_gradient_divide_factor; .* 2.11 to 2.15"):
         set_gradient_divide_factor(nn.Linear(2, 2), 4.0, 2)
+    with pytest.raises(RuntimeError, match=r"has no FSDPModule.set_unshard_in_backward; .* 2.11 to 2.15"):
+        set_unshard_in_backward(nn.Embedding(2, 2), False)
 
 
 def test_fsdp_param_groups_read_in_both_layouts_of_the_state():

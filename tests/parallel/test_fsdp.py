@@ -30,6 +30,7 @@ def _bf16_training(rank: int, world: int, cfg_yaml: str) -> dict:
     model.layers["1"].ffn.experts.register_forward_pre_hook(record("experts"))
     model.layers["1"].ffn.router.register_forward_pre_hook(record("router"))
     model.head.register_forward_pre_hook(record("head"))
+    model.embed.register_forward_pre_hook(record("embed"))
     losses = [trainer.train_step()[0].item() for _ in range(15)]
     return {
         "compute": {k: str(v) for k, v in seen.items()},
@@ -47,6 +48,7 @@ def test_bf16_compute_with_fp32_master_weights_trains(tmp_path):
         "experts": "torch.bfloat16",
         "router": "torch.float32",
         "head": "torch.float32",
+        "embed": "torch.float32",
     }
     assert result["master"] == ["torch.float32"]
     assert result["last"] < result["first"] - 0.3
@@ -120,3 +122,49 @@ def test_bf16_router_unit_regathers_its_weight_before_backward(tmp_path):
         assert steps == [("forward", False), ("pre_backward", True), ("post_backward", True)], mine
     assert ("pre_backward", "root", True) in result["events"]
     assert torch.isfinite(torch.tensor(result["loss"]))
+
+
+def _embedding_unit_events(rank: int, world: int, cfg_yaml: str) -> dict:
+    from framework.config import Config
+    from framework.distributed import DistContext
+    from framework.train import Trainer
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
+    trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+    model, events = trainer.model, []
+    embed, root = model.embed._get_fsdp_state(), model._get_fsdp_state()
+    (group,) = [embed._fsdp_param_group] if hasattr(embed, "_fsdp_param_group") else embed._fsdp_param_groups
+    (root_group,) = [root._fsdp_param_group] if hasattr(root, "_fsdp_param_group") else root._fsdp_param_groups
+
+    def unshard(*args, original=group.unshard, **kwargs):
+        events.append(("unshard", str(group._training_state).split(".")[-1], group.is_unsharded))
+        return original(*args, **kwargs)
+
+    group.unshard = unshard
+    model.embed.register_forward_hook(lambda *_: events.append(("forward done", "", group.is_unsharded)))
+    model.layers["0"].register_full_backward_hook(
+        lambda *_: events.append(("block 0 backward", root_group.is_unsharded, group.is_unsharded))
+    )
+    grads = []
+
+    def before_step(*args, original=trainer.optimizer.step, **kwargs):
+        grads.append(model.embed.weight.grad.full_tensor())  # collective: every rank
+        return original(*args, **kwargs)
+
+    trainer.optimizer.step = before_step
+    trainer.train_step()
+    return {"events": events, "grad_norm": grads[0].norm().item(), "dtype": str(grads[0].dtype)}
+
+
+def test_embedding_is_its_own_unit_gathered_for_its_forwards_only(tmp_path):
+    """The embedding (fp32) is resharded after each forward call (the main one and the MTP
+    module's) and never gathered for its backward, which reads only the token ids; the root
+    (final norm, head) stays gathered into the backward. Its gradient still arrives, reduced."""
+    cfg = make_config(tmp_path, 2, ["train.precision=bf16", "train.global_batch_size=2"])
+    result = run_ranks(_embedding_unit_events, 2, OmegaConf.to_yaml(cfg))[0]
+    # two forward calls, each gathers (FORWARD) and reshards; the backward's unshard returns at once
+    gathers = [e for e in result["events"] if e[0] == "unshard" and e[1] == "FORWARD"]
+    assert len(gathers) == 2, result["events"]
+    assert [e for e in result["events"] if e[0] == "forward done"] == [("forward done", "", False)] * 2
+    assert ("block 0 backward", True, False) in result["events"]  # head gathered, embedding not
+    assert result["dtype"] == "torch.float32" and result["grad_norm"] > 0

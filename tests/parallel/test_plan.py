@@ -3,6 +3,8 @@ activations autograd saves, and the per-rank bytes the trainer measures on gloo 
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,6 +25,7 @@ from parallel.plan import (
     model_buffers,
     model_params,
     piece_activation_bytes,
+    pipeline_unit_walk,
     plan,
 )
 from scripts.benchlib import run_ranks
@@ -99,6 +102,115 @@ def train_step_saved_bytes(trainer) -> int:
         hook.remove()
     kept.clear()
     return sum(saved.values())
+
+
+class _Held:
+    """A saved tensor as autograd holds it (the pack hook's return value): it lives exactly as
+    long as autograd keeps the tensor, and tells `LiveSavedBytes` when it goes."""
+
+    def __init__(self, tracker: LiveSavedBytes, key: int, tensor: torch.Tensor):
+        self.tracker, self.key, self.tensor = tracker, key, tensor
+
+    def __del__(self):
+        self.tracker.release(self.key)
+
+
+class LiveSavedBytes:
+    """Bytes of the distinct storages autograd holds for backward, weights excluded, as they come
+    and go; `peak` is their most at once (across the micro-batches a pipeline holds in flight).
+    A storage is counted while any saved tensor on it lives (each held here, so its address
+    cannot be reused meanwhile)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, saved tensors on it]
+        self.now = self.peak = 0
+
+    def _weights(self) -> set[int]:  # the weights as they are now (FSDP2 gathers and frees them)
+        tensors = [(t.to_local() if hasattr(t, "to_local") else t) for t in self.model.parameters()]
+        return {t.untyped_storage().data_ptr() for t in [*tensors, *self.model.buffers()]}
+
+    def pack(self, t: torch.Tensor):
+        data = getattr(t, "elem", t)  # an all-to-all's result wraps the tensor it will hold
+        key = data.untyped_storage().data_ptr()
+        if isinstance(t, nn.Parameter) or key in self._weights():
+            return t
+        entry = self.live.setdefault(key, [data.untyped_storage().nbytes(), 0])
+        if entry[1] == 0:
+            self.now += entry[0]
+            self.peak = max(self.peak, self.now)
+        entry[1] += 1
+        # Detached: holding the tensor itself (an op's output carries its grad_fn) would close a
+        # cycle through the node that saves it, which then outlives the graph.
+        return _Held(self, key, t.detach())
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+    def release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+
+FSDP_COLLECTIVES = {  # torch.distributed functions FSDP2 calls (names differ between torch versions)
+    "all_gather_single": "all-gather",
+    "all_gather_into_tensor": "all-gather",
+    "reduce_scatter_single": "reduce-scatter",
+    "reduce_scatter_tensor": "reduce-scatter",
+}
+
+
+class CollectiveBytes:
+    """Counts, while active, the bytes this rank sends in all-gathers and reduce-scatters as a
+    ring does: (n-1)/n of the gathered output, of the reduce-scattered input."""
+
+    def __init__(self):
+        self.sent = {"all-gather": 0.0, "reduce-scatter": 0.0}
+        self.saved: dict[str, object] = {}
+        self.depth = 0
+
+    def _wrap(self, name: str, kind: str):
+        original = getattr(dist, name)
+
+        def counted(*args, **kwargs):
+            if self.depth == 0:  # one of these may call another
+                big, small = (args + (kwargs.get("output"), kwargs.get("input")))[:2]
+                big = big if big is not None else kwargs.get("output")
+                small = small if small is not None else kwargs.get("input")
+                payload = max(big.numel() * big.element_size(), small.numel() * small.element_size())
+                n = dist.get_world_size(kwargs.get("group"))
+                self.sent[kind] += payload * (n - 1) / n
+            self.depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        return counted
+
+    def __enter__(self):
+        for name, kind in FSDP_COLLECTIVES.items():
+            if hasattr(dist, name):
+                self.saved[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(name, kind))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(dist, name, original)
+
+
+def fsdp_bytes(comm) -> dict[str, int]:
+    """The plan's FSDP all-gather and reduce-scatter bytes, dense and expert units together."""
+    sent = {"all-gather": 0, "reduce-scatter": 0}
+    for c in comm:
+        if c.what.startswith("FSDP "):
+            sent[c.what.removeprefix("FSDP ").split(":")[0]] += c.bytes_per_step
+    return sent
 
 
 def one_step_config(tmp_path, world: int, overrides: list[str]):
@@ -182,10 +294,11 @@ def _train_one_step(rank: int, world: int, cfg_yaml: str) -> dict:
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
     trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
-    activations = train_step_saved_bytes(trainer)
+    with CollectiveBytes() as sent:
+        activations = train_step_saved_bytes(trainer)
     memory = [None] * world
     dist.all_gather_object(memory, trainer.peak_memory)
-    return {"memory": memory, "activations": activations}
+    return {"memory": memory, "activations": activations, "sent": sent.sent}
 
 
 LAYOUTS = {
@@ -211,6 +324,7 @@ def test_memory_estimate_within_10_percent_of_measured(name, tmp_path):
         assert mine.optimizer == pytest.approx(measured["optimizer_bytes"], rel=0.10), rank
     if estimate.layout.ep == 1:  # with EP, the rows a rank's experts receive depend on the routing
         assert saved_estimate(cfg, estimate) == pytest.approx(result["activations"], rel=0.10)
+    assert fsdp_bytes(estimate.comm) == pytest.approx(result["sent"], rel=0.10)
 
 
 # -- pipeline layouts ----------------------------------------------------------------------
@@ -278,3 +392,84 @@ def test_pipeline_memory_estimate_is_the_measured_bytes_per_rank(name, tmp_path)
     for rank, mine in enumerate(estimate.ranks):
         got = (measured[rank]["param_bytes"], measured[rank]["grad_bytes"], measured[rank]["optimizer_bytes"])
         assert (mine.params, mine.grads, mine.optimizer) == got, rank
+
+
+# -- pipeline layouts against measurement: saved activations at their peak, FSDP collective bytes --
+
+
+def gathered_bytes(units) -> int:
+    """Bytes of the FSDP2 units' parameters that are gathered (unsharded) now (FSDP2's private
+    parameter-group state, read through parallel/compat.py)."""
+    from parallel.compat import fsdp_param_groups, fsdp_state
+
+    groups = [group for unit in units for group in fsdp_param_groups(fsdp_state(unit))]
+    return sum(
+        p.unsharded_param.numel() * p.unsharded_param.element_size()
+        for group in groups
+        if group.is_unsharded
+        for p in group.fsdp_params
+    )
+
+
+def _pipeline_step_measured(rank: int, world: int, cfg_yaml: str) -> dict:
+    """Train one step; -> the peak of saved activation bytes, the FSDP collective bytes sent, and
+    the most bytes of gathered parameters between two compute actions."""
+    from framework.distributed import DistContext
+    from framework.train import Trainer
+    from parallel.pipeline import runtime
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(cfg_yaml))
+    trainer = Trainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+    pipeline, gathered = trainer.pipeline, [0]
+
+    def sample(*args, original):  # before each compute action, and before the step's reduction
+        gathered[0] = max(gathered[0], gathered_bytes(pipeline.units))
+        return original(*args)
+
+    pipeline._wait_for_inputs = partial(sample, original=pipeline._wait_for_inputs)
+    runtime.reduce_fsdp_gradients = partial(sample, original=runtime.reduce_fsdp_gradients)
+    saved = LiveSavedBytes(trainer.model)
+    with CollectiveBytes() as sent, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        trainer.train_step()
+    return {"peak_saved": saved.peak, "sent": sent.sent, "gathered": gathered[0]}
+
+
+PIPELINE_MEASURED = {  # the harness model, pp=2 x dp_shard=2: 4 micro-batches per step
+    "1f1b": ["parallel.pp_schedule=1f1b"],
+    "dualpipev (B/W split)": ["parallel.pp_schedule=dualpipev"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PIPELINE_MEASURED)
+def test_pipeline_activations_and_fsdp_bytes_within_10_percent_of_measured(name, tmp_path):
+    world = 4
+    cfg = make_config(tmp_path / "run", world, ["parallel.pp=2", "parallel.dp_shard=2", *PIPELINE_MEASURED[name]])
+    measured = run_ranks(_pipeline_step_measured, world, OmegaConf.to_yaml(cfg))
+    p, t = cfg.parallel, cfg.train
+    layout = resolve_layout(world, p.pp, p.dp_replicate, p.dp_shard, p.ep)
+    estimate = plan(cfg.model, layout, t.precision, t.micro_batch_size, t.global_batch_size, pp_schedule=p.pp_schedule)
+    for rank, got in enumerate(measured):
+        pp_rank = rank // layout.dp
+        held = {n for _, names in estimate.pipeline[pp_rank].stages for n in names}
+        logits = logits_bytes(cfg.model, t.micro_batch_size) if "head" in held else 0
+        assert estimate.ranks[rank].activations - logits == pytest.approx(got["peak_saved"], rel=0.10), rank
+        assert fsdp_bytes(estimate.pipeline_comm[pp_rank]) == pytest.approx(got["sent"], rel=0.10), rank
+        # fp32: FSDP unsharded is the walk's most gathered at once (no bf16 gradient copies)
+        assert estimate.ranks[rank].fsdp_in_flight == pytest.approx(got["gathered"], rel=0.10), rank
+
+
+def test_pipeline_unit_walk_follows_fsdp2_under_the_runtime():
+    # 1F1B stage 0 of 2, 4 micro-batches: F0 F1 B0 F2 B1 F3 B2 B3. A block is gathered by F0, F1
+    # (each forward reshards it), B0, B1, B2 (each after a forward); F2, F3 and B3 find it gathered.
+    schedule = build_schedule("1f1b", 2, 4)
+    units = {"root": frozenset({0}), "layers.0": frozenset({0}), "layers.1": frozenset({0})}
+    walk = pipeline_unit_walk(schedule, 0, units, {"root": 100, "layers.0": 10, "layers.1": 1}, frozenset({"root"}))
+    assert walk.gathers == {"root": 1, "layers.0": 5, "layers.1": 5}
+    assert walk.peak_gathered == 111  # after a backward: the root and the whole stage
+    # zb1p, stage 0: F0 F1 B0 W0 F2 B1 W1 F3 B2 W2 B3 W3. B computes nothing there and W is the
+    # whole backward: gathered by F0, F1, W0, W1, W2. Stage 1: F0 B0 F1 B1 W0 F2 B2 W1 F3 B3 W2 W3,
+    # where W reads no weight: gathered by F0, B0, B1, B2, B3 (F1, F2, F3 follow a B).
+    zb = build_schedule("zb1p", 2, 4)
+    assert pipeline_unit_walk(zb, 0, {"layers.0": frozenset({0})}, {"layers.0": 1}).gathers == {"layers.0": 5}
+    assert pipeline_unit_walk(zb, 1, {"layers.1": frozenset({1})}, {"layers.1": 1}).gathers == {"layers.1": 5}

@@ -330,11 +330,12 @@ def analyse(name: str, pp: int, microbatches: int, per_rank: list[dict], cores: 
     split = [_split_step(schedule, runs) for runs in steps]
     messages, message_stats = message_costs(split)
     lookahead = steps[0][0]["lookahead"]  # the runtime's receive look-ahead (MOE_PP_RECV_LOOKAHEAD on gloo)
-    # per rank: its step after its last recorded action, less the sends it posts there (the simulator charges those)
-    finish = {
-        r: statistics.fmean(max(0.0, s["after_last"][r] - s["trailing_sends"][r] * messages.send) for s in split)
-        for r in range(pp)
-    }
+    # per step and rank: its step after its last recorded action, less the sends it posts there (the simulator
+    # charges those)
+    finishes = [
+        {r: max(0.0, s["after_last"][r] - s["trailing_sends"][r] * messages.send) for r in range(pp)} for s in split
+    ]
+    finish = {r: statistics.fmean(f[r] for f in finishes) for r in range(pp)}
 
     roles = {rank: edge_actions(schedule, rank) for rank in range(pp)}
     per_stage: dict[tuple[int, tuple, str], list[float]] = {}
@@ -363,9 +364,14 @@ def analyse(name: str, pp: int, microbatches: int, per_rank: list[dict], cores: 
     posted_late = simulate(schedule, messages, time_of=by_stage)  # every receive posted with its batch
     posted_ahead = simulate(schedule, messages, time_of=by_stage, recv_lookahead=lookahead)
     replays = [
-        shares(simulate(schedule, messages, time_of=lambda r, a, d=step["durations"]: d[(r, a)], **full))
-        for step in split
-    ]
+        shares(
+            simulate(
+                schedule, messages, time_of=lambda r, a, d=step["durations"]: d[(r, a)], recv_lookahead=lookahead,
+                finish=own,
+            )
+        )
+        for step, own in zip(split, finishes, strict=True)
+    ]  # fmt: skip
     measured = [statistics.fmean(1 - s["busy"][r] / s["window"] for s in split) for r in range(pp)]
     per_step = [statistics.fmean(1 - b / s["window"] for b in s["busy"]) for s in split]  # all ranks' bubble
     window = statistics.fmean(s["window"] for s in split)
@@ -480,7 +486,7 @@ def main() -> None:
     header = ["schedule", "pp", "measured bubble %", "one mean per kind (F, B)", "per rank and stage"]
     header[-1] += " (first F, last B apart)"
     header += ["+ message costs, receives posted with their batch", "+ receives posted ahead"]
-    header += ["+ each rank's step end (the prediction)", "replay: each step's own times, all inputs"]
+    header += ["+ each rank's step end (the prediction)", "replay: each step's own action times and step ends"]
     print_table(header, inputs, left=1)
     print()
     print("messages and cores (late: the receive was posted after its tensor was sent; waited: from the start")

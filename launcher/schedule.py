@@ -20,10 +20,18 @@ Times are per stage and micro-batch, in any unit: --f forward, --b input-gradien
 The published bubble is printed for comparison; zb1p's and DualPipe's formulas assume
 f = b = w, and DualPipe's also b + w <= F&B <= f + b + w.
 
+Messages (default free): --comm, a message's latency from the send's posting to a receiver
+waiting for it; --send, the time posting a send occupies the sender; --recv, the least time a
+receive takes from its posting (gloo's rendezvous: it moves a tensor only once its receive is
+posted); --recv-lookahead N posts each receive N compute actions early, as the runtime does on
+gloo (MOE_PP_RECV_LOOKAHEAD, default 1 there; 0: with its batch), so its --recv runs while the
+rank computes. scripts/bench_pipeline.py measures all four on a real run.
+
 examples:
   moe-launch schedule --schedule dualpipev --pp 4 --microbatches 10
   moe-launch schedule --schedule 1f1b --pp 4 --microbatches 8 --f 1 --b 1 --w 1
   moe-launch schedule --schedule dualpipe --pp 4 --microbatches 8 --fb 2.5 --png dualpipe.png
+  moe-launch schedule --schedule 1f1b --pp 2 --microbatches 4 --comm 0.05 --send 0.05 --recv 0.3 --recv-lookahead 1
 """
 
 LEGEND = (
@@ -55,6 +63,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--w", type=float, default=1.0, help="weight-gradient backward time (default 1)")
     parser.add_argument("--fb", type=float, default=None, help="F&B time (default f + b + w)")
     parser.add_argument("--comm", type=float, default=0.0, help="point-to-point latency per message (default 0)")
+    parser.add_argument("--send", type=float, default=0.0, help="time posting a send takes the sender (default 0)")
+    parser.add_argument("--recv", type=float, default=0.0, help="least time of a receive from its posting (default 0)")
+    parser.add_argument(
+        "--recv-lookahead",
+        type=int,
+        default=0,
+        metavar="N",
+        help="post each receive N compute actions early, as the runtime does on gloo (default 0: with its batch)",
+    )
     parser.add_argument("--scale", type=int, default=None, help="characters per time unit (default: fits labels)")
     parser.add_argument("--png", metavar="FILE", default=None, help="also draw the timeline to this PNG file")
     return parser
@@ -167,23 +184,33 @@ def render_png(timeline: Timeline, path: str) -> None:
     plt.close(fig)
 
 
+def _messages(durations: Durations, lookahead: int) -> str:
+    """The message costs beyond comm, when any is set (the header stays as it was without them)."""
+    if not (durations.send or durations.recv or lookahead):
+        return ""
+    ahead = f"{lookahead} compute action{'s' if lookahead != 1 else ''} ahead" if lookahead else "with their batch"
+    return f" send={durations.send:g} recv={durations.recv:g}; receives posted {ahead}"
+
+
 def run(args: argparse.Namespace) -> int:
     """The `schedule` command; bad sizes or times end with one line and exit code 2."""
     try:
         schedule = build_schedule(args.schedule, args.pp, args.microbatches, args.virtual_stages)
-        durations = Durations(f=args.f, b=args.b, w=args.w, fb=args.fb, comm=args.comm)
+        durations = Durations(f=args.f, b=args.b, w=args.w, fb=args.fb, comm=args.comm, send=args.send, recv=args.recv)
         if args.scale is not None and args.scale < 1:
             raise ValueError(f"--scale={args.scale}: must be >= 1")
+        if args.recv_lookahead < 0:
+            raise ValueError(f"--recv-lookahead={args.recv_lookahead}: must be >= 0 (compute actions ahead)")
     except ValueError as err:
         print(f"moe-launch: error: {err}", file=sys.stderr)
         return 2
-    timeline = simulate(schedule, durations)
+    timeline = simulate(schedule, durations, recv_lookahead=args.recv_lookahead)
     fb = durations.f + durations.b + durations.w if durations.fb is None else durations.fb
     overlap = f" F&B={fb:g}" if schedule.name in ("dualpipe", "dualpipev") else ""
     print(
         f"{schedule.name}: pp={schedule.pp}, {schedule.microbatches} micro-batches, {schedule.num_stages} stages"
         f"{' per copy' if schedule.directions == 2 else ''}; F={durations.f:g} B={durations.b:g} "
-        f"W={durations.w:g}{overlap} comm={durations.comm:g}"
+        f"W={durations.w:g}{overlap} comm={durations.comm:g}{_messages(durations, args.recv_lookahead)}"
     )
     print(render_text(timeline, args.scale))
     print(LEGEND)

@@ -1,9 +1,10 @@
 """Plays every rank's action list in turn, each rank as far as its receives allow: the walk the
-validator (does it deadlock?) and the simulator (when does each action run?) share."""
+validator (does it deadlock?) and the simulator (when does each action run?) share; and where
+the runtime posts a receive ahead of its batch (the one rule the runtime and the simulator use)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
 
@@ -17,6 +18,25 @@ def message(rank: int, action: Action) -> tuple:
     if action.kind is Kind.SEND_B:
         return (rank, action.peer, Kind.RECV_B, d, s - 1, m)
     return (action.peer, rank, action.kind, d, s, m)
+
+
+def receives_posted_ahead(actions: Sequence[Action], lookahead: int) -> dict[int, int]:
+    """Where the runtime posts receives `lookahead` compute actions ahead (gloo moves a tensor only
+    once its receive is posted): before each compute action it posts, in list order, every receive
+    up to the `lookahead`-th compute action after it that is not posted yet. -> {index of a RECV
+    in `actions`: index of the compute action before which it is posted}; the receives before the
+    first compute action (and all of them at look-ahead 0) are posted with their batch instead."""
+    if lookahead < 0:
+        raise ValueError(f"recv_lookahead={lookahead}: must be >= 0 (compute actions ahead)")
+    computes: list[int] = []  # indices of the compute actions seen so far
+    posted_before: dict[int, int] = {}
+    for index, action in enumerate(actions):
+        if action.is_compute:
+            computes.append(index)
+        elif lookahead and computes and action.kind in (Kind.RECV_F, Kind.RECV_B):
+            # the earliest compute action with fewer than `lookahead` compute actions between it and the receive
+            posted_before[index] = computes[max(0, len(computes) - lookahead)]
+    return posted_before
 
 
 def play(schedule: PipelineSchedule, advance: Callable[[int, Mapping[int, int]], int]) -> dict[int, int]:

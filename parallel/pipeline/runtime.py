@@ -43,6 +43,7 @@ from parallel.compat import defer_fsdp_gradient_reduction, fold_fsdp_gradients, 
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
 from parallel.pipeline.backward_split import PendingWeightGradients, backward_input, backward_weight
 from parallel.pipeline.overlap import run_overlapped
+from parallel.pipeline.replay import receives_posted_ahead
 
 # stage, input tokens [B, S], the previous stage's output [B, S, D] (None on the first stage)
 StageFn = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor | tuple[torch.Tensor, ...]]
@@ -89,6 +90,9 @@ class PipelineRuntime:
         if recv_lookahead < 0:
             raise ValueError(f"recv_lookahead={recv_lookahead}: must be >= 0 (compute actions ahead)")
         self.recv_lookahead = recv_lookahead
+        self.receives_ahead: dict[int, list[int]] = {}  # compute action's index -> receives posted before it
+        for position, compute in receives_posted_ahead(self.actions, recv_lookahead).items():
+            self.receives_ahead.setdefault(compute, []).append(position)
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
         self.timings: list[tuple[Action, float, float] | tuple[Action, float, float, float]] | None = None
 
@@ -123,7 +127,6 @@ class PipelineRuntime:
         defer_fsdp_gradient_reduction(self.units)
         self.sends: list[tuple[dist.Work, torch.Tensor]] = []
         self.pending: dict[tuple[Kind, int, int, int], tuple[Action, dist.Work, int, float]] = {}  # posted receives
-        self.ahead = 0  # the action-list index up to which receives were posted ahead
         batch: list[Action] = []
         for index, action in enumerate([*self.actions, None]):
             if action is not None and not action.is_compute:
@@ -200,23 +203,17 @@ class PipelineRuntime:
                 self.pending[(action.kind, *action.chunk)] = (action, work, len(self.timings or ()) - 1, posted)
 
     def _post_receives_ahead(self, index: int) -> None:
-        """Before the compute action at `index`: post every receive of the action list up to the
-        `recv_lookahead`-th compute action after it (each on its own, in list order), so that gloo,
-        which moves a tensor only once its receive is posted, moves it while this rank computes."""
-        if not self.recv_lookahead:
-            return
-        end, computes = max(self.ahead, index + 1), 0
-        while end < len(self.actions) and computes < self.recv_lookahead:
-            action = self.actions[end]
-            computes += action.is_compute
-            if action.kind in (Kind.RECV_F, Kind.RECV_B):
-                key = (action.kind, *action.chunk)
-                buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
-                self.received[key] = buf
-                work = dist.irecv(buf, src=self.global_rank[action.peer], group=self.group, tag=self._tag(*key))
-                self.pending[key] = (action, work, -1, time.perf_counter())
-            end += 1
-        self.ahead = end
+        """Before the compute action at `index`: post the receives of the action list up to the
+        `recv_lookahead`-th compute action after it (each on its own, in list order;
+        replay.receives_posted_ahead, the rule the simulator shares), so that gloo, which moves a
+        tensor only once its receive is posted, moves it while this rank computes."""
+        for position in self.receives_ahead.get(index, ()):
+            action = self.actions[position]
+            key = (action.kind, *action.chunk)
+            buf = torch.empty(self._shape(action.microbatch), dtype=WIRE_DTYPE, device=self._device())
+            self.received[key] = buf
+            work = dist.irecv(buf, src=self.global_rank[action.peer], group=self.group, tag=self._tag(*key))
+            self.pending[key] = (action, work, -1, time.perf_counter())
 
     def _wait_for_inputs(self, action: Action) -> None:
         """Wait for the received tensors `action` computes on (a receive is timed from its posting)."""

@@ -3,11 +3,12 @@ costs), each rank's timeline, the step time and each rank's bubble (idle time wi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
-from parallel.pipeline.replay import message, play
+from parallel.pipeline.replay import message, play, receives_posted_ahead
 from parallel.pipeline.validate import ScheduleError
 
 
@@ -34,11 +35,14 @@ class Durations:
     recv: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("f", "b", "w", "comm", "send", "recv"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: durations must be >= 0")
-        if self.fb is not None and self.fb < 0:
-            raise ValueError(f"fb={self.fb}: durations must be >= 0")
+        for name in ("f", "b", "w", "fb", "comm", "send", "recv"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                raise ValueError(f"{name}={value}: durations must be finite numbers")
+            if value < 0:
+                raise ValueError(f"{name}={value}: durations must be >= 0")
 
     def of(self, action: Action) -> float:
         if action.kind is Kind.F:
@@ -66,13 +70,17 @@ class Span:
 class Timeline:
     """The simulated step: compute spans per rank (in order), step time, idle time per rank;
     `receives`: each receive's span per rank, from its posting to its return (when the compute
-    action that needs its tensor had it), in action-list order."""
+    action that needs its tensor had it), in action-list order; `recv_lookahead`: how many
+    compute actions ahead receives were posted; `ends`: when each rank's step ended (its last
+    action, the sends after it, its `finish`)."""
 
     schedule: PipelineSchedule
     durations: Durations
     spans: dict[int, list[Span]]
     step_time: float
     receives: dict[int, list[Span]] = field(default_factory=dict)
+    recv_lookahead: int = 0
+    ends: dict[int, float] = field(default_factory=dict)
 
     def busy(self, rank: int) -> float:
         return sum(s.end - s.start for s in self.spans[rank])
@@ -96,14 +104,22 @@ def simulate(
     schedule: PipelineSchedule,
     durations: Durations | None = None,
     time_of: Callable[[int, Action], float] | None = None,
+    recv_lookahead: int = 0,
+    finish: Mapping[int, float] | None = None,
 ) -> Timeline:
     """Run the schedule on a clock: a rank starts each compute action as soon as its previous
     one ended and the receives of its tensors returned (a receive is posted at its place in the
     list and waited for by the compute action that needs it, as the runtime does). Posting a
     send takes the rank `durations.send`, and its message lands `durations.comm` after the
     posting began. A receive returns at the later of its message's landing and its own posting
-    plus `durations.recv`. `time_of(rank, action)`, when given, overrides the uniform times of
-    compute actions (e.g. measured per rank and stage, or scaled by the stage cut's costs)."""
+    plus `durations.recv`. With `recv_lookahead` > 0 a receive is posted that many compute
+    actions early, as the runtime does on gloo (replay.receives_posted_ahead): just before the
+    compute action that posts it starts, so its `recv` runs while the rank computes and only
+    what is left of it when the tensor is needed delays the rank. `finish[rank]`: the time the
+    rank's step goes on after its last action (the runtime waits for its sends and reduces the
+    gradients there), outside every action, so idle like the fill and drain. `time_of(rank, action)`, when
+    given, overrides the uniform times of compute actions (e.g. measured per rank and stage, or
+    scaled by the stage cut's costs)."""
     durations = durations or Durations()
     time_of = time_of or (lambda rank, action: durations.of(action))
     ops = schedule.actions
@@ -112,6 +128,11 @@ def simulate(
     spans: dict[int, list[Span]] = {r: [] for r in ops}
     receives: dict[int, list[Span]] = {r: [] for r in ops}
     posted: dict[tuple, tuple[float, Action, int]] = {}  # (rank, kind, chunk) -> receive not yet waited for
+    ahead: dict[int, dict[int, list[int]]] = {r: {} for r in ops}  # rank -> compute index -> receives it posts
+    for r in ops:
+        for recv_index, compute_index in receives_posted_ahead(ops[r], recv_lookahead).items():
+            ahead[r].setdefault(compute_index, []).append(recv_index)
+    posted_ahead: dict[tuple[int, int], float] = {}  # (rank, index of a RECV) -> when it was posted
 
     def advance(rank: int, pos: Mapping[int, int]) -> int:
         action = ops[rank][pos[rank]]
@@ -119,8 +140,9 @@ def simulate(
             arrival[message(rank, action)] = clock[rank] + durations.comm
             clock[rank] += durations.send
         elif action.kind in (Kind.RECV_F, Kind.RECV_B):
-            posted[(rank, action.kind, action.chunk)] = (clock[rank], action, len(receives[rank]))
-            receives[rank].append(Span(clock[rank], clock[rank], action))  # its wait fills it in
+            start = posted_ahead.pop((rank, pos[rank]), clock[rank])
+            posted[(rank, action.kind, action.chunk)] = (start, action, len(receives[rank]))
+            receives[rank].append(Span(start, start, action))  # its wait fills it in
         else:
             waits = [
                 (rank, Kind.RECV_F if part.kind is Kind.F else Kind.RECV_B, part.chunk)
@@ -130,6 +152,8 @@ def simulate(
             waits = [w for w in waits if w in posted]
             if any(message(rank, posted[w][1]) not in arrival for w in waits):
                 return 0
+            for index in ahead[rank].get(pos[rank], ()):  # posted before this action waits and runs
+                posted_ahead[(rank, index)] = clock[rank]
             for w in waits:
                 start, recv, index = posted.pop(w)
                 end = max(start + durations.recv, arrival[message(rank, recv)], clock[rank])
@@ -144,4 +168,8 @@ def simulate(
     if stuck:
         rank, index = next(iter(stuck.items()))
         raise ScheduleError(f"{schedule.name} deadlocks: rank {rank} waits at {ops[rank][index]}")
-    return Timeline(schedule, durations, spans, max(clock.values(), default=0.0), receives)
+    for rank, after in (finish or {}).items():
+        if after < 0:
+            raise ValueError(f"finish[{rank}]={after}: must be >= 0")
+        clock[rank] += after
+    return Timeline(schedule, durations, spans, max(clock.values(), default=0.0), receives, recv_lookahead, clock)

@@ -64,3 +64,41 @@ def test_unknown_schedule_and_negative_time_exit_2(capsys):
     assert "invalid choice: 'pipedream'" in capsys.readouterr().err
     assert main(["schedule", "--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--w", "-1"]) == 2
     assert capsys.readouterr().err == "moe-launch: error: w=-1.0: durations must be >= 0\n"
+
+
+def test_message_costs_and_receives_posted_ahead(capsys):
+    """1F1B pp=2: receives posted with their batch pay part of each 0.3 rendezvous; posted one
+    compute action ahead, the rendezvous runs while the rank computes and the step is shorter."""
+    argv = ["schedule", "--schedule", "1f1b", "--pp", "2", "--microbatches", "4"]
+    argv += ["--comm", "0.05", "--send", "0.05", "--recv", "0.3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "comm=0.05 send=0.05 recv=0.3; receives posted with their batch\n" in out
+    assert "step time 15.55;" in out
+    assert main([*argv, "--recv-lookahead", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "comm=0.05 send=0.05 recv=0.3; receives posted 1 compute action ahead\n" in out
+    assert "step time 15.25;" in out
+    assert main([*argv[:7], "--recv-lookahead", "2"]) == 0  # free messages: posting early changes nothing
+    out = capsys.readouterr().out
+    assert "comm=0 send=0 recv=0; receives posted 2 compute actions ahead\n" in out and "step time 15;" in out
+
+
+def test_bad_message_costs_exit_2_with_one_line(capsys):
+    argv = ["schedule", "--schedule", "1f1b", "--pp", "2", "--microbatches", "4"]
+    for flags, error in [
+        (["--recv-lookahead", "-1"], "--recv-lookahead=-1: must be >= 0 (compute actions ahead)"),
+        (["--send", "-0.5"], "send=-0.5: durations must be >= 0"),
+        (["--recv", "nan"], "recv=nan: durations must be finite numbers"),
+        (["--comm", "inf"], "comm=inf: durations must be finite numbers"),
+    ]:
+        assert main([*argv, *flags]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"moe-launch: error: {error}\n" and captured.out == ""
+
+
+def test_schedule_command_does_not_import_torch():
+    code = "import sys; from launcher.cli import main; main(['schedule', '--schedule', 'zb1p', '--pp', '2', "
+    code += "'--microbatches', '4', '--recv', '0.2', '--recv-lookahead', '1']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "False", out.stderr[-2000:]

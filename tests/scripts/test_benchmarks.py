@@ -129,21 +129,29 @@ def test_bench_pipeline_tables_per_schedule_and_pp():
         for column in (3, 6):  # measured and simulated bubble per rank
             per_rank = [float(x) for x in row[column].split(" / ")]
             assert len(per_rank) == int(row[1]) and all(0 <= b < 100 for b in per_rank)
+        assert re.fullmatch(r"[0-9.]+ ± [0-9.]+", row[4])  # the bubble and its spread over the steps
         assert float(row[2]) > 0 and float(row[5]) > 0 and float(row[8]) > 0
+        assert float(row[9]) == pytest.approx(float(row[4].split()[0]) - float(row[7]), abs=0.11)  # points
+    goal = r"within 15% of the simulator's bubble: (\d+) of 12 rows; within 15% or 1 point of the step: (\d+) of 12"
+    counts = re.search(goal + r"; without the look-ahead and the step end .*: (\d+) of 12", stdout)
+    assert counts and int(counts[1]) <= int(counts[2]) <= 12 and int(counts[3]) <= 12
     for row in inputs[1:]:  # "sim % (measured/sim)" for each set of simulator inputs
         # n/a: that input predicts no bubble at all (dualpipe's uniform means), so no ratio
-        assert all(re.fullmatch(r"[0-9.]+ \(([0-9.]+|n/a)\)", cell) for cell in row[3:]), row
+        assert all(re.fullmatch(r"[0-9.]+ \(([0-9.]+|n/a)\)(, 1 ahead)?", cell) for cell in row[3:]), row
+        assert row[6].endswith(", 1 ahead")  # gloo: the runtime posts receives one compute action ahead
     for row in messages[1:]:
         # the timing hook recorded every receive the schedule has, once per timed step
         schedule = build_schedule(row[0], int(row[1]), 8)
         receives = sum(a.kind in (Kind.RECV_F, Kind.RECV_B) for ops in schedule.actions.values() for a in ops)
         assert int(row[2]) == receives
-        assert 0 <= float(row[3]) <= 100 and float(row[4]) >= 0 and float(row[5]) >= 0
-        assert float(row[6]) >= 0 and float(row[7]) >= 0  # posting a send, a gap without one
-        assert 0 < float(row[8]) < 100 and 0 <= float(row[9]) < 100  # time in receives, between actions
+        assert 0 <= float(row[3]) <= 100 and all(x == "-" or float(x) >= 0 for x in row[4:6])
+        assert all(float(x) >= 0 for x in row[6:10])  # rendezvous, comm, posting a send, a gap without one
+        waited, modelled = (float(x) for x in row[10].split(" / "))
+        assert waited > 0 and modelled >= 0
+        assert len(row[11].split(" / ")) == int(row[1])  # each rank's step end
 
 
-def _simulated_timestamps(schedule, timeline, start: float) -> list[dict]:
+def _simulated_timestamps(schedule, timeline, start: float, lookahead: int) -> list[dict]:
     """Per rank, one step's record as the bench's workers return it, made from a simulated timeline."""
     runs = []
     for rank, ops in schedule.actions.items():
@@ -154,16 +162,19 @@ def _simulated_timestamps(schedule, timeline, start: float) -> list[dict]:
                 assert span.action == action
                 waited = () if action.is_compute else (start + span.waited_from,)  # a receive's wait
                 spans.append((str(action), start + span.start, *waited, start + span.end))
-        runs.append({"start": start, "end": max(span[-1] for span in spans), "spans": spans})
+        runs.append({"start": start, "end": start + timeline.ends[rank], "spans": spans, "lookahead": lookahead})
     return runs
 
 
+@pytest.mark.parametrize("lookahead", [0, 1])
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev"])
-def test_bench_pipeline_analysis_recovers_a_simulated_run(name):
+def test_bench_pipeline_analysis_recovers_a_simulated_run(name, lookahead):
     """Timestamps that the simulator made (rank 0's stages 1.5x slower, each stage's last backward
     0.5 longer, a receive posted after its send takes 0.3, one waiting for it returns 0.1 after
-    the send, posting a send takes 0.05): the bench's analysis finds the three message costs and
-    predicts the bubble of every rank exactly; without the message costs it would predict less."""
+    the send, posting a send takes 0.05, each rank's step goes on 0.2 x (rank + 1) after its
+    last action, receives posted with their batch or one compute action ahead): the bench's
+    analysis finds the message costs and the step ends and predicts the bubble of every rank
+    exactly; without the message costs it would predict less."""
     from scripts.bench_pipeline import analyse, edge_actions
 
     schedule = build_schedule(name, 4, 8)
@@ -173,12 +184,20 @@ def test_bench_pipeline_analysis_recovers_a_simulated_run(name):
         extra = 0.5 if roles[rank].get(action) == "last backward" else 0.0
         return Durations().of(action) * (1.5 if rank == 0 else 1.0) + extra
 
-    timeline = simulate(schedule, Durations(comm=0.1, send=0.05, recv=0.3), time_of=time_of)
-    steps = [_simulated_timestamps(schedule, timeline, start) for start in (10.0, 200.0)]
+    finish = {rank: 0.2 * (rank + 1) for rank in range(4)}
+    costs = Durations(comm=0.1, send=0.05, recv=0.3)
+    timeline = simulate(schedule, costs, time_of=time_of, recv_lookahead=lookahead, finish=finish)
+    steps = [_simulated_timestamps(schedule, timeline, start, lookahead) for start in (10.0, 200.0)]
     per_rank = [{name: [step[rank] for step in steps]} for rank in range(4)]
     result = analyse(name, 4, 8, per_rank, cores=2)
-    assert result["comm_ms"] == pytest.approx(100) and result["recv_ms"] == pytest.approx(300)
-    assert result["send_ms"] == pytest.approx(50) and result["bare_gap_us"] == pytest.approx(0, abs=1e-6)
+    assert result["comm_ms"] == pytest.approx(100) and result["send_ms"] == pytest.approx(50)
+    assert result["bare_gap_us"] == pytest.approx(0, abs=1e-6)
+    assert result["finish_ms"] == pytest.approx([1e3 * finish[rank] for rank in range(4)])
+    if lookahead == 0:  # every late receive is waited for at once: its whole rendezvous shows
+        assert result["recv_ms"] == pytest.approx(300) and result["late_share"] > 0
+    else:  # posted a compute action (>= 1) ahead, a rendezvous of 0.3 is over before it is needed
+        assert result["late_waited"] == pytest.approx(0, abs=1e-9)
+    assert result["waited"] == pytest.approx(result["modelled"])  # the receive model explains every wait
     assert result["predicted"] == pytest.approx(result["measured"])
     shares = [timeline.bubble(r) / timeline.step_time for r in range(4)]
     assert result["measured"] == pytest.approx(shares)

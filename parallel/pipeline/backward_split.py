@@ -62,13 +62,24 @@ class _Fork:
 
 
 @dataclass
+class _Level:
+    """Forks that never reach one another, run by one engine call in W. `leaves`: the gradient
+    accumulators (the parameters) below the level's weight branches, which no other level reaches;
+    None where one does (a weight used at two depths): then the call hands the branches' gradients
+    back and W accumulates them at its end, in one call for all such levels."""
+
+    forks: list[_Fork]
+    leaves: tuple[GradientEdge, ...] | None
+
+
+@dataclass
 class PendingWeightGradients:
     """What B leaves for W. `output` keeps the graph alive (a custom Function's node is owned by
     the graph, not by our reference to it); without forks W runs the whole backward of `output`."""
 
     output: torch.Tensor
     grad_output: torch.Tensor | None
-    levels: list[list[_Fork]] = field(default_factory=list)
+    levels: list[_Level] = field(default_factory=list)
     whole: bool = False  # the stage has no input gradient (the first stage): W is the whole backward
 
 
@@ -86,7 +97,7 @@ def backward_input(
         return grad, PendingWeightGradients(output, None)
     # The engine hands over the gradient reaching each fork as it runs the fork (asked-for edges on
     # the way to the input cost nothing more than the run itself: no hooks, no second pass).
-    forks = [(fork, slot) for level in levels for fork in level for slot in fork.in_slots]
+    forks = [(fork, slot) for level in levels for fork in level.forks for slot in fork.in_slots]
     asked = [stage_input, *(GradientEdge(fork.node, slot) for fork, slot in forks)]
     with _backward_pass("input"):
         grad, *reached = torch.autograd.grad(output, asked, grad_output, retain_graph=True, allow_unused=True)
@@ -107,22 +118,23 @@ def backward_weight(pending: PendingWeightGradients) -> None:
     branch_grads: dict[tuple[Node, int], torch.Tensor] = {}
     with _backward_pass("weight"):
         for level in pending.levels:
-            roots, root_grads, asked = [], [], {}
-            for fork in level:
-                reached, fork.grads = fork.grads, []
-                for slot, grad in reached:
+            roots, root_grads = [], []
+            for fork in level.forks:
+                for slot, grad in fork.grads:
                     roots.append(GradientEdge(fork.node, slot))
                     root_grads.append(grad)
-                if reached:
-                    for edge in fork.weight_edges:
-                        asked.setdefault(edge, GradientEdge(*edge))
+                fork.grads = []
             if not roots:
                 continue
-            grads = _run_engine(roots, root_grads, tuple(asked.values()), accumulate=False)
+            if level.leaves is not None:  # the branches run into the parameters within the call
+                _run_engine(roots, root_grads, level.leaves, accumulate=True)
+                continue
+            asked = dict.fromkeys(edge for fork in level.forks for edge in fork.weight_edges)
+            grads = _run_engine(roots, root_grads, tuple(GradientEdge(*edge) for edge in asked), accumulate=False)
             for edge, grad in zip(asked, grads, strict=True):
                 if grad is not None:
                     branch_grads[edge] = grad if edge not in branch_grads else branch_grads[edge] + grad
-    if branch_grads:  # the weight branches: casts, views, and the parameters' AccumulateGrad
+    if branch_grads:  # the weight branches of levels that share a parameter with another level
         _run_engine([GradientEdge(*edge) for edge in branch_grads], list(branch_grads.values()), (), accumulate=True)
     pending.levels.clear()
 
@@ -138,11 +150,13 @@ def _run_engine(
 
 
 # A fork as the analysis leaves it: (its position in the walk, its weight edges as (position, slot),
-# its input slots that edges lead into).
+# its input slots that edges lead into); a level: (its forks, the positions of the parameters'
+# accumulators below its branches, or None where another level reaches one of them too).
 _ForkPlan = tuple[int, tuple[tuple[int, int], ...], tuple[int, ...]]
+_LevelPlan = tuple[tuple[_ForkPlan, ...], tuple[int, ...] | None]
 
 
-def _fork_levels(output: GradientEdge, input_node: Node) -> list[list[_Fork]] | None:
+def _fork_levels(output: GradientEdge, input_node: Node) -> list[_Level] | None:
     """The forks of the graph below `output`, in levels (a fork never reaches another of its level);
     None when a weight branch hangs below two nodes (W could not keep them apart).
 
@@ -158,8 +172,14 @@ def _fork_levels(output: GradientEdge, input_node: Node) -> list[list[_Fork]] | 
     if plan is None:
         return None
     return [
-        [_Fork(nodes[fork], [(nodes[child], slot) for child, slot in edges], slots) for fork, edges, slots in level]
-        for level in plan
+        _Level(
+            [
+                _Fork(nodes[fork], [(nodes[child], slot) for child, slot in edges], slots)
+                for fork, edges, slots in forks
+            ],
+            None if leaves is None else tuple(GradientEdge(nodes[leaf], 0) for leaf in leaves),
+        )
+        for forks, leaves in plan
     ]
 
 
@@ -185,7 +205,7 @@ def _walk(output: GradientEdge, input_node: Node) -> tuple[list[Node], tuple]:
 
 
 @lru_cache(maxsize=64)
-def _plan(signature: tuple) -> tuple[tuple[_ForkPlan, ...], ...] | None:
+def _plan(signature: tuple) -> tuple[_LevelPlan, ...] | None:
     """The fork levels of the graph that `signature` describes (see `_walk`), by node positions."""
     input_at, output_slot, shape = signature
     children = [[(edges[i], edges[i + 1]) for i in range(0, len(edges), 2) if edges[i] >= 0] for _, edges in shape]
@@ -232,4 +252,22 @@ def _plan(signature: tuple) -> tuple[tuple[_ForkPlan, ...], ...] | None:
     # in that level's one call; below anything else, the chain would lead into it from another call.
     if any(len(branch_forks[c]) > 1 or branch_parents[c] != parents[c] for c in branch_forks):
         return None
-    return tuple(tuple(levels[d]) for d in sorted(levels))
+    # The parameters below each level's branches. A level whose parameters no other level reaches
+    # runs its branches into them in its own call: asking for them leads the engine down no chain.
+    leaf_levels: dict[int, set[int]] = defaultdict(set)  # a parameter's accumulator -> the levels above it
+    for branch, (depth_of_forks,) in branch_forks.items():  # one level per branch (checked above)
+        below, seen = [branch], {branch}
+        while below:
+            node = below.pop()
+            if is_leaf_param[node]:
+                leaf_levels[node].add(depth_of_forks)
+            for child, _ in children[node]:
+                if child not in seen:
+                    seen.add(child)
+                    below.append(child)
+    leaves: dict[int, list[int]] = defaultdict(list)
+    for leaf, at in sorted(leaf_levels.items()):
+        for d in at:
+            leaves[d].append(leaf)
+    shared = {d for at in leaf_levels.values() if len(at) > 1 for d in at}
+    return tuple((tuple(levels[d]), None if d in shared else tuple(leaves[d])) for d in sorted(levels))

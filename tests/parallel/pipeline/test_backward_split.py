@@ -82,6 +82,10 @@ def test_b_then_w_equals_one_backward_and_w_redoes_nothing(mode):
     # ones (and the checkpointed block's rerun), W the weight-gradient ones and nothing else.
     for op in MATMULS:
         assert b_ops[op] + w_ops[op] == whole_ops[op], (op, b_ops[op], w_ops[op], whole_ops[op])
+    # Nor any other op that touches data (views and detaches aside): W's gradients reach the
+    # parameters' .grad as the whole backward's do, without a copy.
+    for op in (whole_ops.keys() | b_ops.keys() | w_ops.keys()) - {"view", "detach"}:
+        assert b_ops[op] + w_ops[op] == whole_ops[op], (op, b_ops[op], w_ops[op], whole_ops[op])
     assert sum(w_ops[op] for op in MATMULS) >= 11  # attention 4, router 1, experts 3, shared expert 3
     attention = "_scaled_dot_product_flash_attention_for_cpu_backward"  # on the chain only: in B, never in W
     assert (b_ops[attention], w_ops[attention]) == (whole_ops[attention], 0) and whole_ops[attention] > 0
@@ -172,6 +176,36 @@ def test_a_stage_output_straight_out_of_a_matmul_keeps_its_weight_gradient():
         h_in = h.clone().requires_grad_()
         out = (h_in * norm) @ w
         if split:
+            h_grad, pending = backward_input(out, grad, h_in)
+            assert w.grad is None and norm.grad is None
+            backward_weight(pending)
+        else:
+            out.backward(grad)
+            h_grad = h_in.grad
+        results.append([h_grad, w.grad, norm.grad])
+    for got, ref in zip(*reversed(results), strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_a_weight_used_at_two_depths_gets_both_gradients():
+    """`w` is used by a matmul near the output and by one further down the chain (two forks of
+    different levels, each through its own transpose): those levels hand their branch gradients
+    back and W accumulates them at its end; the norm weight's level runs into its parameter."""
+    from torch.autograd.graph import get_gradient_edge
+
+    from parallel.pipeline.backward_split import _fork_levels
+
+    gen = torch.Generator().manual_seed(4)
+    w, norm = torch.randn(8, 8, generator=gen, requires_grad=True), torch.randn(8, generator=gen, requires_grad=True)
+    h, grad = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    results = []
+    for split in (False, True):
+        w.grad = norm.grad = None
+        h_in = h.clone().requires_grad_()
+        out = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(h_in * norm, w)), w)
+        if split:
+            levels = _fork_levels(get_gradient_edge(out), get_gradient_edge(h_in).node)
+            assert [level.leaves is None for level in levels] == [True, True, False]
             h_grad, pending = backward_input(out, grad, h_in)
             assert w.grad is None and norm.grad is None
             backward_weight(pending)

@@ -90,13 +90,14 @@ def backward_input(
     what W needs). A stage without an input gradient (the first) computes nothing here."""
     if stage_input is None:
         return None, PendingWeightGradients(output, grad_output, whole=True)
-    levels = _fork_levels(get_gradient_edge(output), get_gradient_edge(stage_input).node)
-    if levels is None:  # a weight branch shared by two forks: no clean split, one whole backward
+    split = _fork_levels(get_gradient_edge(output), get_gradient_edge(stage_input).node)
+    if split is None:  # a weight branch shared by two forks: no clean split, one whole backward
         torch.autograd.backward(output, grad_output)
         grad = stage_input.grad if stage_input.grad is not None else torch.zeros_like(stage_input)
         return grad, PendingWeightGradients(output, None)
     # The engine hands over the gradient reaching each fork as it runs the fork (asked-for edges on
     # the way to the input cost nothing more than the run itself: no hooks, no second pass).
+    levels, chain_only = split
     forks = [(fork, slot) for level in levels for fork in level.forks for slot in fork.in_slots]
     asked = [stage_input, *(GradientEdge(fork.node, slot) for fork, slot in forks)]
     with _backward_pass("input"):
@@ -104,9 +105,10 @@ def backward_input(
     for (fork, slot), fork_grad in zip(forks, reached, strict=True):
         if fork_grad is not None:
             fork.grads.append((slot, fork_grad))
+    _release_saved_tensors(chain_only)
     if grad is None:
         grad = torch.zeros_like(stage_input)
-    return grad, PendingWeightGradients(output, grad_output, levels)
+    return grad, PendingWeightGradients(output, None, levels)
 
 
 def backward_weight(pending: PendingWeightGradients) -> None:
@@ -156,9 +158,10 @@ _ForkPlan = tuple[int, tuple[tuple[int, int], ...], tuple[int, ...]]
 _LevelPlan = tuple[tuple[_ForkPlan, ...], tuple[int, ...] | None]
 
 
-def _fork_levels(output: GradientEdge, input_node: Node) -> list[_Level] | None:
-    """The forks of the graph below `output`, in levels (a fork never reaches another of its level);
-    None when a weight branch hangs below two nodes (W could not keep them apart).
+def _fork_levels(output: GradientEdge, input_node: Node) -> tuple[list[_Level], list[Node]] | None:
+    """-> (the forks of the graph below `output`, in levels (a fork never reaches another of its
+    level); the other nodes of the input's chain, which W never runs); None when a weight branch
+    hangs below two nodes (W could not keep them apart).
 
     The analysis is a function of the graph's structure alone (`_walk`'s signature: every node's
     type and edges, and where the input is), so it is cached by that signature: the micro-batches
@@ -166,11 +169,12 @@ def _fork_levels(output: GradientEdge, input_node: Node) -> list[_Level] | None:
     micro-batch of another shape, a different routing graph) has another signature and its own
     analysis. A hit costs the walk only, a fifth of the analysis."""
     if output.node is None:
-        return []
+        return [], []
     nodes, signature = _walk(output, input_node)
     plan = _plan(signature)
     if plan is None:
         return None
+    level_plans, chain_only = plan
     return [
         _Level(
             [
@@ -179,8 +183,41 @@ def _fork_levels(output: GradientEdge, input_node: Node) -> list[_Level] | None:
             ],
             None if leaves is None else tuple(GradientEdge(nodes[leaf], 0) for leaf in leaves),
         )
-        for forks, leaves in plan
-    ]
+        for forks, leaves in level_plans
+    ], [nodes[node] for node in chain_only]
+
+
+# Per node type, the attributes that hold its saved tensors (a SavedTensor, or a list of them).
+_SAVED_ATTRIBUTES: dict[type, tuple[str, ...]] = {}
+
+
+def _dropped(_: torch.Tensor) -> None:
+    return None
+
+
+def _released(_: None) -> torch.Tensor:
+    raise RuntimeError("backward_split: W unpacked a tensor saved for B only (released after B)")
+
+
+def _release_saved_tensors(nodes: list[Node]) -> None:
+    """Free what the nodes that only B runs saved for their backward (attention's inputs and
+    outputs, activations' inputs ...), instead of holding it until W with the rest of the graph.
+    A tensor that saved-tensor hooks packed into an object with a `release()` (an activation-
+    checkpointed block's slot, which B's rerun filled) is released through it."""
+    for node in nodes:
+        kind = type(node)
+        attributes = _SAVED_ATTRIBUTES.get(kind)
+        if attributes is None:
+            attributes = _SAVED_ATTRIBUTES[kind] = tuple(a for a in dir(kind) if a.startswith("_raw_saved_"))
+        for attribute in attributes:
+            saved = getattr(node, attribute)
+            for one in saved if isinstance(saved, (list, tuple)) else (saved,):
+                packed = None if one is None else one.data  # the tensor, or what hooks packed it into
+                if isinstance(packed, torch.Tensor):
+                    if packed.dim() > 0:  # a 0-dim one (a Python scalar's) frees nothing
+                        one.register_hooks(_dropped, _released)  # packs (so drops) its tensor now
+                elif packed is not None and hasattr(packed, "release"):
+                    packed.release()
 
 
 def _walk(output: GradientEdge, input_node: Node) -> tuple[list[Node], tuple]:
@@ -205,7 +242,7 @@ def _walk(output: GradientEdge, input_node: Node) -> tuple[list[Node], tuple]:
 
 
 @lru_cache(maxsize=64)
-def _plan(signature: tuple) -> tuple[_LevelPlan, ...] | None:
+def _plan(signature: tuple) -> tuple[tuple[_LevelPlan, ...], tuple[int, ...]] | None:
     """The fork levels of the graph that `signature` describes (see `_walk`), by node positions."""
     input_at, output_slot, shape = signature
     children = [[(edges[i], edges[i + 1]) for i in range(0, len(edges), 2) if edges[i] >= 0] for _, edges in shape]
@@ -270,4 +307,6 @@ def _plan(signature: tuple) -> tuple[_LevelPlan, ...] | None:
         for d in at:
             leaves[d].append(leaf)
     shared = {d for at in leaf_levels.values() if len(at) > 1 for d in at}
-    return tuple((tuple(levels[d]), None if d in shared else tuple(leaves[d])) for d in sorted(levels))
+    forks = {fork for level in levels.values() for fork, _, _ in level}
+    chain_only = tuple(node for node in order if on_chain[node] and node not in forks and node != input_at)
+    return tuple((tuple(levels[d]), None if d in shared else tuple(leaves[d])) for d in sorted(levels)), chain_only

@@ -5,12 +5,20 @@ How: the autograd graph below the stage output splits into the chain (every node
 stage input: what B runs) and weight branches (nodes that lead to a parameter only). A chain node with
 an edge into a weight branch (a matmul's node: its input and its weight hang off it) is a *fork*. B runs
 the chain with `autograd.grad(inputs=stage input and the forks' incoming edges)`, which computes no
-weight edge and hands over each fork's incoming gradient on the way. W runs each fork again from that
-gradient, asking only for the gradients at its weight edges (so the engine skips the fork's chain
-edges: nothing there leads to what is asked), then runs the weight branches from those into the
-parameters' `.grad`. Forks that reach one another run in separate engine calls, ordered in levels, so
-no call's roots lead into another root. Finding the forks is cached by the graph's structure, which
-the micro-batches of a stage share (`_fork_levels`).
+weight edge and hands over each fork's incoming gradient on the way; then it frees what the chain's
+other nodes saved (W never runs them), so between B and W the graph holds only the forks' and
+branches' tensors. W runs each fork again from that gradient, asking only for the parameters below its
+weight edges (so the engine skips the fork's chain edges: nothing there leads to what is asked): the
+branches run into the parameters' `.grad` within that call, as in one whole backward (no copy). Forks
+that reach one another run in separate engine calls, ordered in levels, so no call's roots lead into
+another root; a parameter below two levels' branches (a weight used at two depths) makes those levels
+hand their branch gradients back instead, accumulated in one call at W's end. Finding the forks is
+cached by the graph's structure, which the micro-batches of a stage share (`_fork_levels`).
+
+What the split costs over one whole backward (scripts/bench_backward_split.py): a walk of the graph
+and the release of B's tensors (~0.5 ms each per micro-batch for a stage of two MoE blocks), one
+engine call per level (~23 for that stage, each walking the graph below its forks), the forks' nodes
+applied twice, and W's operations finding their inputs out of cache.
 
 A custom autograd Function that computes several gradients in one backward (the grouped expert GEMM)
 asks `input_gradient_wanted()` / `weight_gradient_wanted()`: its static `needs_input_grad` cannot
@@ -144,10 +152,11 @@ def backward_weight(pending: PendingWeightGradients) -> None:
 def _run_engine(
     roots: list[GradientEdge], grads: list[torch.Tensor], inputs: tuple[GradientEdge, ...], accumulate: bool
 ) -> tuple[torch.Tensor | None, ...]:
-    """One engine call from `roots` (the graph kept for nothing after it): into the parameters'
-    `.grad` (accumulate) or -> the gradients at `inputs`. What `torch.autograd.grad` / `backward`
-    do minus their checks of `grads` against the roots' shapes (Python work, ~50 us a call): every
-    gradient here came out of the engine for that very edge, in B or an earlier level."""
+    """One engine call from `roots` (the graph kept for nothing after it): into the `.grad` of the
+    parameters whose accumulators `inputs` are (accumulate), or -> the gradients at `inputs`. What
+    `torch.autograd.grad` / `backward` do minus their checks of `grads` against the roots' shapes
+    (Python work, ~50 us a call): every gradient here came out of the engine for that very edge, in
+    B or an earlier level."""
     return _engine_run_backward(tuple(roots), tuple(grads), False, False, inputs, True, accumulate)
 
 

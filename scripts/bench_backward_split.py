@@ -187,7 +187,7 @@ def compare_in_process(args: argparse.Namespace) -> None:
         ms = {name: statistics.median(t[2:]) for name, t in times.items()}
         for name, module in (("baseline", baseline), ("this tree", backward_split)):
             ratio = f"{ms[name] / ms['BW']:.2f}"
-            rows.append([dim, ac, name, f"{ms['BW']:.2f}", f"{ms[name]:.2f}", ratio, f"{held_after_b(module):.1f}"])
+            rows.append([dim, ac, name, f"{ms['BW']:.2f}", f"{ms[name]:.2f}", ratio, f"{held_after_b(module):.2f}"])
     print(
         f"one process, the last stage of a pp=2 cut ({args.layers} blocks, seq {args.seq_len}), "
         f"CPU ms, medians of {3 * args.steps} runs each, in turn; baseline: {args.baseline}\n"

@@ -221,7 +221,10 @@ def _release_saved_tensors(nodes: list[Node]) -> None:
         for attribute in attributes:
             saved = getattr(node, attribute)
             for one in saved if isinstance(saved, (list, tuple)) else (saved,):
-                packed = None if one is None else one.data  # the tensor, or what hooks packed it into
+                try:
+                    packed = None if one is None else one.data  # the tensor, or what hooks packed it into
+                except RuntimeError:  # changed in place since it was saved (a node B ran without it): kept
+                    continue
                 if isinstance(packed, torch.Tensor):
                     if packed.dim() > 0:  # a 0-dim one (a Python scalar's) frees nothing
                         one.register_hooks(_dropped, _released)  # packs (so drops) its tensor now

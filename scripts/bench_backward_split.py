@@ -4,7 +4,8 @@ against its input-gradient half B and weight-gradient half W (as zb1p runs them)
 B + W close to BW means the split costs little (W redoes nothing; what it adds is W's engine calls,
 one per level of forks, and backward_split.py's walk of the graph); W's share of B + W is what a
 zero-bubble schedule can move into its bubbles. The first stage has no input gradient: its B computes
-nothing and W everything.
+nothing and W everything. Wall times of separate processes follow this machine's load; `--baseline`
+compares two revisions in one process on CPU time instead, with the activations each holds after B.
 """
 
 from __future__ import annotations

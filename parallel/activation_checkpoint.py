@@ -139,6 +139,11 @@ class _Slot:
     def __init__(self):
         self.tensor: torch.Tensor | None = None
 
+    def release(self) -> None:
+        """Free the recomputed tensor before the node that saved it dies: a split backward's B
+        ran that node, and W never will (parallel/pipeline/backward_split.py)."""
+        self.tensor = None
+
 
 class _Checkpointed:
     """One checkpointed call: its inputs, RNG and autocast state, and a slot per saved tensor."""

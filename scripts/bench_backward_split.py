@@ -4,7 +4,8 @@ against its input-gradient half B and weight-gradient half W (as zb1p runs them)
 B + W close to BW means the split costs little (W redoes nothing; what it adds is W's engine calls,
 one per level of forks, and backward_split.py's walk of the graph); W's share of B + W is what a
 zero-bubble schedule can move into its bubbles. The first stage has no input gradient: its B computes
-nothing and W everything.
+nothing and W everything. Wall times of separate processes follow this machine's load; `--baseline`
+compares two revisions in one process on CPU time instead, with the activations each holds after B.
 """
 
 from __future__ import annotations
@@ -108,10 +109,32 @@ def _measure(rank: int, world: int, cfg_yamls: dict[tuple[int, str, str], str], 
     return results
 
 
+def _saved_bytes(root, skip: set[int]) -> int:
+    """Bytes of the storages that the graph below `root` holds for its backward (`skip`: the
+    parameters'); a tensor released after B (unpacking it raises) holds nothing."""
+    held, seen, stack = {}, set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+        for attribute in (a for a in dir(node) if a.startswith("_saved_")):
+            try:
+                saved = getattr(node, attribute)
+            except RuntimeError:
+                continue
+            for t in saved if isinstance(saved, (list, tuple)) else (saved,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in skip:
+                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(held.values())
+
+
 def compare_in_process(args: argparse.Namespace) -> None:
     """BW, the baseline's B + W and this tree's B + W, in turn on one process's last stage of a
     pp=2 cut (the second half of the blocks, the head, the MTP block), with the thread's CPU time:
-    robust to other processes' load, which wall times of separate runs are not."""
+    robust to other processes' load, which wall times of separate runs are not. Then, per split,
+    the activations the graph still holds after B (what a zero-bubble schedule keeps until W)."""
     import importlib.util
 
     from framework.model.args import ModelArgs
@@ -144,6 +167,18 @@ def compare_in_process(args: argparse.Namespace) -> None:
         def split(module):
             return lambda loss, h: module.backward_weight(module.backward_input(loss, None, h)[1])
 
+        def held_after_b(module, seed: int = 0, dim: int = dim, model=model, pieces=pieces) -> float:
+            """MiB of activations the graph still holds for its backward after B (untimed run)."""
+            g = torch.Generator().manual_seed(seed)
+            tokens = torch.randint(0, 256, (1, args.seq_len), generator=g)
+            h = torch.randn(1, args.seq_len, dim, generator=g).requires_grad_()
+            loss = sum(o.float().square().mean() for o in model(tokens, h, pieces))
+            _, pending = module.backward_input(loss, None, h)
+            held = _saved_bytes(loss.grad_fn, {p.untyped_storage().data_ptr() for p in model.parameters()})
+            module.backward_weight(pending)
+            model.zero_grad(set_to_none=True)
+            return held / 2**20
+
         runs = {"BW": lambda loss, h: loss.backward(), "baseline": split(baseline), "this tree": split(backward_split)}
         times: dict[str, list[float]] = {name: [] for name in runs}
         names = list(runs)
@@ -151,13 +186,14 @@ def compare_in_process(args: argparse.Namespace) -> None:
             for name in names[i % 3 :] + names[: i % 3]:
                 times[name].append(timed(runs[name], i))
         ms = {name: statistics.median(t[2:]) for name, t in times.items()}
-        for name in ("baseline", "this tree"):
-            rows.append([dim, ac, name, f"{ms['BW']:.2f}", f"{ms[name]:.2f}", f"{ms[name] / ms['BW']:.2f}"])
+        for name, module in (("baseline", baseline), ("this tree", backward_split)):
+            ratio = f"{ms[name] / ms['BW']:.2f}"
+            rows.append([dim, ac, name, f"{ms['BW']:.2f}", f"{ms[name]:.2f}", ratio, f"{held_after_b(module):.2f}"])
     print(
         f"one process, the last stage of a pp=2 cut ({args.layers} blocks, seq {args.seq_len}), "
         f"CPU ms, medians of {3 * args.steps} runs each, in turn; baseline: {args.baseline}\n"
     )
-    print_table(["dim", "checkpointing", "split", "BW ms", "B + W ms", "(B + W) / BW"], rows, 3)
+    print_table(["dim", "checkpointing", "split", "BW ms", "B + W ms", "(B + W) / BW", "saved MiB after B"], rows, 3)
 
 
 def main() -> None:

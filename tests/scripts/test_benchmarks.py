@@ -233,8 +233,10 @@ def test_bench_backward_split_against_a_baseline_in_one_process():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     (table,) = _tables(out.stdout)
-    assert table[0] == ["dim", "checkpointing", "split", "BW ms", "B + W ms", "(B + W) / BW"]
+    assert table[0] == ["dim", "checkpointing", "split", "BW ms", "B + W ms", "(B + W) / BW", "saved MiB after B"]
     assert [tuple(row[:3]) for row in table[1:]] == [
         ("32", ac, split) for ac in ("none", "full") for split in ("baseline", "this tree")
     ]
     assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in table[1:])
+    # the baseline is this tree's own file: the same activations held after B
+    assert [row[6] for row in table[1::2]] == [row[6] for row in table[2::2]]

@@ -82,11 +82,63 @@ def test_b_then_w_equals_one_backward_and_w_redoes_nothing(mode):
     # ones (and the checkpointed block's rerun), W the weight-gradient ones and nothing else.
     for op in MATMULS:
         assert b_ops[op] + w_ops[op] == whole_ops[op], (op, b_ops[op], w_ops[op], whole_ops[op])
+    # Nor any other op that touches data (views and detaches aside): W's gradients reach the
+    # parameters' .grad as the whole backward's do, without a copy.
+    for op in (whole_ops.keys() | b_ops.keys() | w_ops.keys()) - {"view", "detach"}:
+        assert b_ops[op] + w_ops[op] == whole_ops[op], (op, b_ops[op], w_ops[op], whole_ops[op])
     assert sum(w_ops[op] for op in MATMULS) >= 11  # attention 4, router 1, experts 3, shared expert 3
     attention = "_scaled_dot_product_flash_attention_for_cpu_backward"  # on the chain only: in B, never in W
     assert (b_ops[attention], w_ops[attention]) == (whole_ops[attention], 0) and whole_ops[attention] > 0
     # The checkpointed block reruns once, in B; W reuses what that rerun saved.
     assert (whole_reruns, b_reruns, w_reruns) == ((1, 1, 0) if mode != "none" else (0, 0, 0))
+
+
+def _saved_bytes(nodes) -> dict[int, int]:
+    """Storage -> bytes of the tensors that `nodes` hold for their backward (parameters aside);
+    a released one (unpacking raises) holds nothing."""
+    held = {}
+    for node in nodes:
+        for attribute in (a for a in dir(node) if a.startswith("_saved_")):
+            try:
+                saved = getattr(node, attribute)
+            except RuntimeError:
+                continue
+            for t in saved if isinstance(saved, (list, tuple)) else (saved,):
+                if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.dim() > 0:
+                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return held
+
+
+def _below(nodes) -> list:
+    seen, stack = {}, list(nodes)
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen[node] = None
+            stack.extend(child for child, _ in node.next_functions)
+    return list(seen)
+
+
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_between_b_and_w_the_graph_holds_only_what_w_needs(mode):
+    """B frees what only it needed (attention's tensors, activations' inputs; a checkpointed
+    block's recomputed ones): the graph keeps the forks' and weight branches' saved tensors."""
+    block, cos, sin = moe_block(mode)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    h_in = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    out = block(h_in, cos, sin)
+    graph = _below([out.grad_fn])
+    forward = _saved_bytes(graph) if mode == "none" else None  # (unpacking would rerun a checkpointed block)
+    _, pending = backward_input(out, torch.ones_like(out), h_in)
+    forks = [fork for level in pending.levels for fork in level.forks]
+    branches = _below([node for fork in forks for node, _ in fork.weight_edges])
+    needed = _saved_bytes([*(fork.node for fork in forks), *branches])
+    held = {ptr: n for ptr, n in _saved_bytes(graph).items() if ptr not in params}
+    assert held == {ptr: n for ptr, n in needed.items() if ptr not in params} and held
+    if forward is not None:
+        assert sum(held.values()) < 0.6 * sum(n for ptr, n in forward.items() if ptr not in params)
+    backward_weight(pending)
+    assert all(p.grad is not None for p in block.parameters())
 
 
 def test_first_stage_b_computes_nothing_and_w_everything():
@@ -172,6 +224,36 @@ def test_a_stage_output_straight_out_of_a_matmul_keeps_its_weight_gradient():
         h_in = h.clone().requires_grad_()
         out = (h_in * norm) @ w
         if split:
+            h_grad, pending = backward_input(out, grad, h_in)
+            assert w.grad is None and norm.grad is None
+            backward_weight(pending)
+        else:
+            out.backward(grad)
+            h_grad = h_in.grad
+        results.append([h_grad, w.grad, norm.grad])
+    for got, ref in zip(*reversed(results), strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_a_weight_used_at_two_depths_gets_both_gradients():
+    """`w` is used by a matmul near the output and by one further down the chain (two forks of
+    different levels, each through its own transpose): those levels hand their branch gradients
+    back and W accumulates them at its end; the norm weight's level runs into its parameter."""
+    from torch.autograd.graph import get_gradient_edge
+
+    from parallel.pipeline.backward_split import _fork_levels
+
+    gen = torch.Generator().manual_seed(4)
+    w, norm = torch.randn(8, 8, generator=gen, requires_grad=True), torch.randn(8, generator=gen, requires_grad=True)
+    h, grad = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    results = []
+    for split in (False, True):
+        w.grad = norm.grad = None
+        h_in = h.clone().requires_grad_()
+        out = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(h_in * norm, w)), w)
+        if split:
+            levels, _ = _fork_levels(get_gradient_edge(out), get_gradient_edge(h_in).node)
+            assert [level.leaves is None for level in levels] == [True, True, False]
             h_grad, pending = backward_input(out, grad, h_in)
             assert w.grad is None and norm.grad is None
             backward_weight(pending)

@@ -209,6 +209,17 @@ def _released(_: None) -> torch.Tensor:
     raise RuntimeError("backward_split: W unpacked a tensor saved for B only (released after B)")
 
 
+def _drop(saved: torch._C._autograd.SavedTensor) -> None:
+    """Pack (so drop) a saved tensor now. One that saved-tensor hooks of someone else's already
+    packed (torch.autograd.graph.saved_tensors_hooks around the forward: offloading, a memory
+    probe) stays theirs: kept until W, as without the release."""
+    try:
+        saved.register_hooks(_dropped, _released)
+    except RuntimeError as error:
+        if "hooks have already been set" not in str(error):
+            raise
+
+
 def _release_saved_tensors(nodes: list[Node]) -> None:
     """Free what the nodes that only B runs saved for their backward (attention's inputs and
     outputs, activations' inputs ...), instead of holding it until W with the rest of the graph.
@@ -228,7 +239,7 @@ def _release_saved_tensors(nodes: list[Node]) -> None:
                     continue
                 if isinstance(packed, torch.Tensor):
                     if packed.dim() > 0:  # a 0-dim one (a Python scalar's) frees nothing
-                        one.register_hooks(_dropped, _released)  # packs (so drops) its tensor now
+                        _drop(one)
                 elif packed is not None and hasattr(packed, "release"):
                     packed.release()
 

@@ -263,3 +263,23 @@ def test_a_weight_used_at_two_depths_gets_both_gradients():
         results.append([h_grad, w.grad, norm.grad])
     for got, ref in zip(*reversed(results), strict=True):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_tensors_packed_by_other_saved_tensor_hooks_are_kept_not_an_error():
+    """A forward under saved_tensors_hooks (offloading, a memory probe: tests/parallel/test_plan.py)
+    packs its saved tensors itself; B's release leaves those alone and W still gets them."""
+    block, cos, sin = moe_block("none")
+    h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    ref_h, ref_w, _ = _run(block, cos, sin, h, grad, split=False)
+    block.zero_grad(set_to_none=True)
+    h_in = h.detach().requires_grad_()
+    unpacked = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: unpacked.append(1) or t):
+        out = block(h_in, cos, sin)
+    h_grad, pending = backward_input(out, grad, h_in)
+    backward_weight(pending)
+    assert unpacked, "the hooks did not pack the block's saved tensors"
+    torch.testing.assert_close(h_grad, ref_h, rtol=1e-6, atol=1e-7)
+    for name, param in block.named_parameters():
+        torch.testing.assert_close(param.grad, ref_w[name], rtol=1e-6, atol=1e-7)

@@ -14,6 +14,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from multiprocessing import reduction
 from pathlib import Path
 
 import torch
@@ -26,6 +27,15 @@ import torch.multiprocessing as mp
 FORKSERVER_PRELOAD = ["torch", "torch.distributed", "omegaconf", "framework.train"]
 
 
+class _ParentStdio:
+    """This process's stdout and stderr as they are now, for a rank to write to: a spawned rank
+    inherits them at start (so pytest's capfd sees its output), a fork-server rank would write
+    wherever the server's pointed. Pickled for the fork server, it becomes two fds passed along."""
+
+    def __reduce__(self):
+        return tuple, ((reduction.DupFd(1), reduction.DupFd(2)),)
+
+
 def _rank_entry(
     rank: int,
     world: int,
@@ -36,7 +46,12 @@ def _rank_entry(
     timeout_s: float,
     device: str,
     environ: dict[str, str],
+    stdio: tuple,
 ) -> None:
+    for fd, parent_fd in zip((1, 2), stdio, strict=True):
+        passed = parent_fd.detach()
+        os.dup2(passed, fd)
+        os.close(passed)
     # The fork server's environment is the parent's when the server started: take the parent's
     # as of this call (a test's monkeypatch.setenv reaches the ranks, as with spawn).
     os.environ.clear()
@@ -82,7 +97,10 @@ def run_ranks(
         ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
         environ = dict(os.environ)
         procs = [
-            ctx.Process(target=_rank_entry, args=(r, world, fn, args, out_dir, threads, timeout_s, device, environ))
+            ctx.Process(
+                target=_rank_entry,
+                args=(r, world, fn, args, out_dir, threads, timeout_s, device, environ, _ParentStdio()),
+            )
             for r in range(world)
         ]
         for p in procs:

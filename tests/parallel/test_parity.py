@@ -26,10 +26,23 @@ def reference(tmp_path_factory):
     return run_layout(tmp_path_factory.mktemp("ref"), 1, [])
 
 
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    """Each layout trains once per module; the parity and the bytes tests read the same run."""
+    cache = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            world, overrides = LAYOUTS[name]
+            cache[name] = run_layout(tmp_path_factory.mktemp("layout"), world, overrides)
+        return cache[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference, tmp_path):
-    world, overrides = LAYOUTS[name]
-    got = run_layout(tmp_path, world, overrides)
+def test_layout_matches_single_process(name, reference, layout_runs):
+    got = layout_runs(name)
 
     ref_losses = torch.tensor(reference["losses"])
     assert ref_losses[-1] < ref_losses[0]  # it trained
@@ -53,10 +66,10 @@ def test_layout_matches_single_process(name, reference, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["dp_shard=2", "ep=4", "dp_replicate=2 x dp_shard=2"])
-def test_sharded_bytes_per_rank(name, reference, tmp_path):
-    """Each rank holds 1/dp_shard of the parameters and optimizer state (plus padding)."""
-    world, overrides = LAYOUTS[name]
-    got = run_layout(tmp_path, world, overrides, steps=1)
+def test_sharded_bytes_per_rank(name, reference, layout_runs):
+    """Each rank holds 1/dp_shard of the parameters and optimizer state (plus padding), read at
+    the first step (Trainer.peak_memory), from the parity test's run of the same layout."""
+    got = layout_runs(name)
     total = reference["memory"][0]
     shard = {"dp_shard=2": 2, "ep=4": 4, "dp_replicate=2 x dp_shard=2": 2}[name]
     for rank_memory in got["memory"]:

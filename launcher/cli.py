@@ -13,6 +13,7 @@ from launcher import launch_log, run_commands
 from launcher import schedule as schedule_command
 from launcher.compose import available_experiments, compose_config
 from launcher.errors import ConfigError
+from launcher.local import StopSignals
 from launcher.resume_check import plan_resume
 from launcher.run_dir import (
     check_run_dir,
@@ -154,6 +155,15 @@ def train(overrides: list[str], dry_run: bool, multirun: bool = False) -> int:
         print(launcher.preview(cfg, resolved_config_path(cfg)))
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
+    if isinstance(launcher, SlurmLauncher):
+        return _prepare_run_dir(cfg, fresh_run_dir, plan, launcher)
+    stop = StopSignals()
+    with stop.catching():  # from here on a stop signal is reported, never a silent kill
+        return _prepare_run_dir(cfg, fresh_run_dir, plan, launcher, stop)
+
+
+def _prepare_run_dir(cfg, fresh_run_dir, plan, launcher, stop: StopSignals | None = None) -> int:
+    """Write the run dir (claim it, apply resume=overwrite, the resolved config), then launch."""
     claim_run_dir(cfg, fresh_run_dir)
     print(f"moe-launch: run dir {cfg.run_dir}", flush=True)
     if cfg.resume == "overwrite":
@@ -172,7 +182,7 @@ def train(overrides: list[str], dry_run: bool, multirun: bool = False) -> int:
     if isinstance(launcher, SlurmLauncher):
         return launcher.launch(cfg, command)
     launch_log.record(cfg.run_dir, "start")
-    code = launcher.launch(cfg, command)
+    code = launcher.launch(cfg, command, stop)
     launch_log.record(cfg.run_dir, "exit", code)
     return code
 

@@ -7,6 +7,8 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -54,7 +56,7 @@ class LocalLauncher:
         env = [f"{k}={v}" for k, v in self.environment(cfg).items()]
         return shlex.join(["env", *env, *self.command(cfg, config_path)])
 
-    def launch(self, cfg: DictConfig, command: list[str]) -> int:
+    def launch(self, cfg: DictConfig, command: list[str], stop: StopSignals | None = None) -> int:
         """Run torchrun in the foreground. SIGTERM/SIGUSR1 (what SLURM sends before
         preemption), Ctrl-C and a hang-up become one SIGTERM to torchrun, which passes it to
         the ranks: they finish the step and save a checkpoint. torchrun runs in its own session
@@ -62,55 +64,84 @@ class LocalLauncher:
         SIGINT on and every rank would print a KeyboardInterrupt traceback).
         REQUEUE_EXIT_CODE (INTERRUPTED_EXIT_CODE for Ctrl-C) only if that checkpoint was
         committed: a requeue after a failed save would silently lose the work since the last.
-        Otherwise the ranks' own exit code (launcher.torchrun passes it on)."""
+        Otherwise the ranks' own exit code (launcher.torchrun passes it on). `stop`: signals
+        caught since before the run dir was written (cli.train); a stop that came before the
+        start starts nothing."""
         saved_before = newest_complete_step(cfg.run_dir)
-        signalled, started, forwarded = [], [], []
-
-        def forward_once() -> None:
-            if started and signalled and not forwarded:
-                forwarded.append(True)
-                started[0].send_signal(signal.SIGTERM)  # torchrun has no SIGUSR1 handler of its own
-
-        def forward(signum, frame):
-            signalled.append(signum)
-            if len(signalled) == 1:
-                forward_once()  # before torchrun started: right after it starts, below
+        stop = stop if stop is not None else StopSignals()
+        with stop.catching(cfg.launcher.stop_timeout_s):
+            if stop.signalled:
+                code = None
             else:
-                print(
-                    f"moe-launch: stopping: the ranks finish the step and save (killed after "
-                    f"launcher.stop_timeout_s={cfg.launcher.stop_timeout_s} s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-        previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}  # before the start: no gap
-        try:
-            started.append(
-                subprocess.Popen(
+                torchrun = subprocess.Popen(
                     command,
                     env={**os.environ, **self.environment(cfg)},
                     start_new_session=True,
                     preexec_fn=ignore_sigusr1,
                 )
-            )
-            forward_once()
-            code = started[0].wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        if not signalled:
+                stop.started(torchrun)
+                code = torchrun.wait()
+        if not stop.signalled:
             return code
         saved_after = newest_complete_step(cfg.run_dir)
         if saved_after is not None and (saved_before is None or saved_after > saved_before):
-            return INTERRUPTED_EXIT_CODE if signalled[0] == signal.SIGINT else REQUEUE_EXIT_CODE
+            return INTERRUPTED_EXIT_CODE if stop.signalled[0] == signal.SIGINT else REQUEUE_EXIT_CODE
         newest = "none" if saved_after is None else f"step {saved_after}"
+        how = "torchrun not started" if code is None else f"torchrun exit code {code}"
         print(
-            f"moe-launch: error: stopped by {signal.Signals(signalled[0]).name} but the ranks committed no new "
-            f"checkpoint (newest: {newest}; torchrun exit code {code}); not asking for a requeue",
+            f"moe-launch: error: stopped by {signal.Signals(stop.signalled[0]).name} but the ranks committed no new "
+            f"checkpoint (newest: {newest}; {how}); not asking for a requeue",
             file=sys.stderr,
             flush=True,
         )
-        return code if code not in (0, REQUEUE_EXIT_CODE, INTERRUPTED_EXIT_CODE) else 1
+        return 1 if code in (None, 0, REQUEUE_EXIT_CODE, INTERRUPTED_EXIT_CODE) else code
+
+
+class StopSignals:
+    """SIGTERM, SIGUSR1, SIGINT and SIGHUP, recorded from the moment `catching` is entered (the
+    CLI enters it before it writes the run dir, so no signal falls in a gap and kills this
+    process silently), the first forwarded as one SIGTERM to torchrun once it runs."""
+
+    def __init__(self) -> None:
+        self.signalled: list[int] = []
+        self.torchrun: subprocess.Popen | None = None
+        self.forwarded = False
+        self.stop_timeout_s: float | None = None
+        self.depth = 0
+
+    @contextmanager
+    def catching(self, stop_timeout_s: float | None = None) -> Iterator[StopSignals]:
+        if stop_timeout_s is not None:
+            self.stop_timeout_s = stop_timeout_s
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS} if self.depth == 0 else {}
+        self.depth += 1
+        try:
+            yield self
+        finally:
+            self.depth -= 1
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def started(self, torchrun: subprocess.Popen) -> None:
+        self.torchrun = torchrun
+        self._forward_once()  # a signal that came while it was starting
+
+    def _forward_once(self) -> None:
+        if self.torchrun is not None and self.signalled and not self.forwarded:
+            self.forwarded = True
+            self.torchrun.send_signal(signal.SIGTERM)  # torchrun has no SIGUSR1 handler of its own
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signalled.append(signum)
+        if len(self.signalled) == 1:
+            self._forward_once()
+        elif self.torchrun is not None:
+            print(
+                f"moe-launch: stopping: the ranks finish the step and save (killed after "
+                f"launcher.stop_timeout_s={self.stop_timeout_s} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def ignore_sigusr1() -> None:

@@ -11,7 +11,7 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from launcher.local import AGENT_MODULE, INTERRUPTED_EXIT_CODE, LocalLauncher
+from launcher.local import AGENT_MODULE, INTERRUPTED_EXIT_CODE, LocalLauncher, StopSignals
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +29,21 @@ def test_a_ranks_exit_code_reaches_the_user(code, tmp_path, capfd):
     assert "Traceback" not in err and "ChildFailedError" not in err
     # 2 (no checkpoint) and 3 (non-finite): the rank printed its own line; anything else gets one
     assert ("rank 0 exited with code 1; its output is above" in err) == (code == 1)
+
+
+def test_a_stop_signal_caught_before_the_start_starts_nothing_and_says_so(tmp_path, capfd):
+    """cli.train catches stop signals from before it writes the run dir: one that arrives before
+    torchrun starts is reported in one line (no requeue), and torchrun is never started."""
+    marker = tmp_path / "started"
+    cfg = OmegaConf.create({"run_dir": str(tmp_path), "launcher": {"stop_timeout_s": 5}})
+    stop, before = StopSignals(), signal.getsignal(signal.SIGTERM)
+    with stop.catching():
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. while the resolved config is being written
+        code = LocalLauncher().launch(cfg, [sys.executable, "-c", f"open({str(marker)!r}, 'w')"], stop)
+    assert code == 1 and not marker.exists()
+    err = capfd.readouterr().err
+    assert "stopped by SIGTERM but the ranks committed no new checkpoint (newest: none; torchrun not started)" in err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler in place before is back
 
 
 def test_ctrl_c_finishes_the_step_saves_and_prints_one_line(tmp_path):

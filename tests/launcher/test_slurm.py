@@ -56,7 +56,7 @@ def test_two_node_job_with_a_nasty_name_trains_and_checkpoints(tmp_path, capsys)
 
 def test_signalled_job_saves_requeues_itself_and_resumes(tmp_path, capsys):
     run_dir = tmp_path / "requeue"
-    steps = 40
+    steps = 100  # far more than reach step 3 plus the signal's delivery, even on a fast idle machine
     args = [*TINY, f"train.steps={steps}", "train.log_every=1", "checkpoint.interval=5", f"run_dir={run_dir}"]
     assert main(args) == 0
     job = job_id(run_dir)

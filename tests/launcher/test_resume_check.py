@@ -106,7 +106,7 @@ def test_resume_overwrite_deletes_the_previous_run_before_launch(tmp_path, capsy
     (tmp_path / "config.segment-1.yaml").write_text("old: 1\n")
     launched = {}
 
-    def fake_launch(self, cfg, command):  # everything up to starting torchrun is real
+    def fake_launch(self, cfg, command, stop=None):  # everything up to starting torchrun is real
         launched["cfg"] = OmegaConf.load(command[-1])
         launched["files"] = sorted(p.name for p in tmp_path.iterdir())
         return 0

@@ -18,7 +18,7 @@ def launches(monkeypatch):
     """Every step up to starting torchrun is real; records the config each launch would run."""
     configs = []
 
-    def fake_launch(self, cfg, command):
+    def fake_launch(self, cfg, command, stop=None):
         configs.append(Path(command[-1]))
         return 0
 

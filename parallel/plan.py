@@ -207,6 +207,27 @@ def block_activation_bytes(m, moe: bool, precision: str, ep: int) -> tuple[int, 
     return attn_none + moe_none, attn_selective + moe_selective
 
 
+def block_kept_for_weight_bytes(m, moe: bool, precision: str) -> int:
+    """Per token, what one block still holds between B and W of a split backward
+    (parallel/pipeline/backward_split.py releases after B what only B's nodes saved): the inputs
+    of the weight matmuls and grouped GEMMs, and the normalised outputs the norms' weights multiply.
+    The same with any checkpointing: B's rerun saves the block's graph, B then frees the rest.
+    Assumes balanced routing, as block_activation_bytes."""
+    p = _compute_bytes(precision)
+    copy32 = FP32 if precision == "bf16" else 0
+    D = m.dim
+    norms = 2 * FP32 * D  # attention's and the FFN's normalised fp32 output (times the norm weight)
+    attn = p * D + p * D  # wq/wk/wv's input, wo's input
+    if not moe:
+        return norms + attn + p * D + p * m.ffn_dim  # w1/w3's input, w2's input
+    K, Dh = m.top_k, m.expert_dim
+    shared = m.num_shared_experts * Dh
+    # The normed input (router, shared experts), the router's fp32 copy of it, the dispatched rows
+    # (experts' w1/w3 input), the experts' and shared experts' w2 input.
+    ffn = p * D + copy32 * D + p * K * D + p * K * Dh + (p * shared if shared else 0)
+    return norms + attn + ffn
+
+
 def logits_bytes(m, micro_batch_size: int) -> int:
     """The fp32 logits of the main head and of every MTP depth: the model returns them all,
     and they live until the loss's backward (autograd itself keeps their log-softmax)."""
@@ -253,6 +274,23 @@ def piece_activation_bytes(m, micro_batch_size: int, precision: str, checkpointi
         pieces[name] = micro_batch_size * tokens * (saved(moe) + extra)
         if name == f"layers.{m.n_layers - 1}":
             pieces["head"] = micro_batch_size * S * loss_part
+    return pieces
+
+
+def piece_kept_for_weight_bytes(m, micro_batch_size: int, precision: str) -> dict[str, int]:
+    """Per piece, what one micro-batch still holds between its B and its W (see
+    block_kept_for_weight_bytes); the head keeps the final norm's normalised output and its fp32
+    input, an MTP module also its two input norms' outputs and the projection's input."""
+    p = _compute_bytes(precision)
+    D = m.dim
+    loss_part = FP32 * D + FP32 * D
+    mtp_part = 2 * FP32 * D + 2 * p * D
+    pieces = {"embed": 0}
+    for name, (moe, tokens) in _block_tokens(m).items():
+        extra = mtp_part + loss_part if name.startswith("mtp.") else 0
+        pieces[name] = micro_batch_size * tokens * (block_kept_for_weight_bytes(m, moe, precision) + extra)
+        if name == f"layers.{m.n_layers - 1}":
+            pieces["head"] = micro_batch_size * m.seq_len * loss_part
     return pieces
 
 
@@ -393,17 +431,29 @@ def in_flight_microbatches(schedule: PipelineSchedule) -> dict[int, dict[int, in
     return counts
 
 
-def peak_in_flight_bytes(schedule: PipelineSchedule, rank: int, stage_bytes: dict[int, int]) -> int:
+def peak_in_flight_bytes(
+    schedule: PipelineSchedule, rank: int, stage_bytes: dict[int, int], kept_after_b: dict[int, int] | None = None
+) -> int:
     """The most bytes of saved activations `rank` holds at once, its stages weighted by
-    `stage_bytes` (one micro-batch each): the walk of in_flight_microbatches, in bytes."""
+    `stage_bytes` (one micro-batch each): the walk of in_flight_microbatches, in bytes. With
+    `kept_after_b` (stage -> what a micro-batch holds between its B and W), a B frees the rest
+    (parallel/pipeline/backward_split.py) but on stage 0, whose B computes nothing; else, as
+    under saved-tensor hooks that keep every tensor until W, B frees nothing."""
     live = peak = 0
+    split: set[tuple[int, int, int]] = set()  # (direction, stage, micro-batch) between a releasing B and its W
     for action in schedule.compute_actions(rank):
         for part in action.parts():
             if part.kind is Kind.F:
                 live += stage_bytes[part.stage]
-                peak = max(peak, live)
+            elif part.kind is Kind.B and kept_after_b is not None and part.stage != 0:
+                live += kept_after_b[part.stage] - stage_bytes[part.stage]
+                split.add((part.direction, part.stage, part.microbatch))
+            elif part.kind is Kind.W and (part.direction, part.stage, part.microbatch) in split:
+                live -= kept_after_b[part.stage]
+                split.discard((part.direction, part.stage, part.microbatch))
             elif _releases(part):
                 live -= stage_bytes[part.stage]
+            peak = max(peak, live)
     return peak
 
 
@@ -486,10 +536,12 @@ def plan(
     activation_checkpointing: str = "none",
     pp_schedule: str = "1f1b",
     pp_virtual_stages: int = 2,
+    release_after_b: bool = True,
 ) -> Plan:
     """The per-rank memory and per-step communication of training `m` on `layout`; with a
     pipeline each pipeline rank counts the pieces its stages hold under `pp_schedule`
-    (`pp_virtual_stages` of them per rank for interleaved_1f1b)."""
+    (`pp_virtual_stages` of them per rank for interleaved_1f1b). `release_after_b`: a split
+    backward's B frees what W does not need (False: as under saved-tensor hooks, which keep it)."""
     all_params = model_params(m)
     all_buffers = model_buffers(m)
     micro_batches = global_batch_size // layout.dp // micro_batch_size
@@ -498,6 +550,7 @@ def plan(
     if layout.pp > 1:
         schedule, stages, embed_pair = pipeline_ranks(m, layout, pp_schedule, micro_batches, pp_virtual_stages)
         piece_bytes = piece_activation_bytes(m, micro_batch_size, precision, activation_checkpointing, layout.ep)
+        piece_kept = piece_kept_for_weight_bytes(m, micro_batch_size, precision) if release_after_b else None
 
     memory_of: list[Callable[[int], RankMemory]] = []  # pipeline rank -> data-parallel rank -> memory
     comms: list[list[CommVolume]] = []
@@ -517,7 +570,8 @@ def plan(
             params = [s for s in all_params if piece_of(s.name) in held.pieces]
             buffers = {n: s for n, s in all_buffers.items() if piece_of(n) in held.pieces | {None}}
             stage_bytes = {s: sum(piece_bytes[n] for n in names) for s, names in held.stages}
-            activations = peak_in_flight_bytes(schedule, pp_rank, stage_bytes)
+            kept = None if piece_kept is None else {s: sum(piece_kept[n] for n in names) for s, names in held.stages}
+            activations = peak_in_flight_bytes(schedule, pp_rank, stage_bytes, kept)
             ran = [n for _, names in held.stages for n in names]
             activations += recompute_bytes(m, ran, micro_batch_size, precision, activation_checkpointing, layout.ep)
             if "head" in ran:  # the loss takes one micro-batch's logits at a time

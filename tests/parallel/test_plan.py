@@ -4,6 +4,7 @@ activations autograd saves, and the per-rank bytes the trainer measures on gloo 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +20,13 @@ from parallel.pipeline import build_schedule
 from parallel.plan import (
     FP32,
     activation_bytes,
+    block_kept_for_weight_bytes,
     chunk_rows,
     in_flight_microbatches,
     logits_bytes,
     model_buffers,
     model_params,
+    peak_in_flight_bytes,
     piece_activation_bytes,
     pipeline_unit_walk,
     plan,
@@ -448,7 +451,17 @@ def test_pipeline_activations_and_fsdp_bytes_within_10_percent_of_measured(name,
     measured = run_ranks(_pipeline_step_measured, world, OmegaConf.to_yaml(cfg))
     p, t = cfg.parallel, cfg.train
     layout = resolve_layout(world, p.pp, p.dp_replicate, p.dp_shard, p.ep)
-    estimate = plan(cfg.model, layout, t.precision, t.micro_batch_size, t.global_batch_size, pp_schedule=p.pp_schedule)
+    # The saved-tensor hooks that measure keep every tensor until W (backward_split.py `_drop`):
+    # the plan of a run under such hooks, B releasing nothing, is what they measure.
+    estimate = plan(
+        cfg.model,
+        layout,
+        t.precision,
+        t.micro_batch_size,
+        t.global_batch_size,
+        pp_schedule=p.pp_schedule,
+        release_after_b=False,
+    )
     for rank, got in enumerate(measured):
         pp_rank = rank // layout.dp
         held = {n for _, names in estimate.pipeline[pp_rank].stages for n in names}
@@ -473,3 +486,69 @@ def test_pipeline_unit_walk_follows_fsdp2_under_the_runtime():
     zb = build_schedule("zb1p", 2, 4)
     assert pipeline_unit_walk(zb, 0, {"layers.0": frozenset({0})}, {"layers.0": 1}).gathers == {"layers.0": 5}
     assert pipeline_unit_walk(zb, 1, {"layers.1": frozenset({1})}, {"layers.1": 1}).gathers == {"layers.1": 5}
+
+
+def _held_bytes(nodes, params: set[int]) -> int:
+    """Bytes of the distinct storages `nodes` hold for their backward, parameters aside: the
+    built-in nodes' `_saved_*` and custom Functions' `saved_tensors` (the grouped GEMM's); a
+    released one (unpacking raises) holds nothing. tests/parallel/pipeline/test_backward_split.py's
+    measure, with the custom Functions' tensors counted too."""
+    held = {}
+    for node in nodes:
+        names = [a for a in dir(node) if a.startswith("_saved_")] + ["saved_tensors"] * hasattr(node, "saved_tensors")
+        for attribute in names:
+            try:
+                saved = getattr(node, attribute)
+            except RuntimeError:
+                continue
+            for t in saved if isinstance(saved, (list, tuple)) else (saved,):
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.untyped_storage().data_ptr() not in params:
+                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(held.values())
+
+
+def _graph_below(node) -> list:
+    seen, stack = {}, [node]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen[node] = None
+            stack.extend(child for child, _ in node.next_functions)
+    return list(seen)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+@pytest.mark.parametrize("layer", ["0", "1"], ids=["dense", "moe"])
+def test_kept_for_weight_bytes_within_10_percent_of_what_the_graph_holds_after_b(layer, checkpointing, precision):
+    from parallel.activation_checkpoint import apply_activation_checkpointing
+    from parallel.pipeline.backward_split import backward_input, backward_weight
+
+    cfg = make_config(Path("unused"), 1, ["model.seq_len=64"])
+    m = cfg.model
+    model = MoETransformer(ModelArgs.from_config(m))
+    model.init_weights(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    block = model.layers[layer].to(dtype)
+    apply_activation_checkpointing([block], checkpointing)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    h = torch.randn(2, m.seq_len, m.dim, generator=torch.Generator().manual_seed(0))
+    h_in = h.to(dtype).requires_grad_()
+    out = block(h_in, model.rope_cos, model.rope_sin)
+    graph = _graph_below(out.grad_fn)
+    _, pending = backward_input(out, torch.ones_like(out), h_in)
+    held = _held_bytes(graph, params)
+    expected = 2 * m.seq_len * block_kept_for_weight_bytes(m, layer != "0", precision)
+    assert expected == pytest.approx(held, rel=0.10)
+    backward_weight(pending)
+
+
+def test_a_split_backward_holds_its_kept_bytes_from_b_to_w():
+    # zb1p stage 1 of 2, 4 micro-batches: F0 B0 F1 B1 W0 F2 B2 W1 F3 B3 W2 W3. Each F adds 10,
+    # each B leaves 3 of them until its W; stage 0's B computes nothing (its W frees all 10).
+    zb = build_schedule("zb1p", 2, 4)
+    assert peak_in_flight_bytes(zb, 1, {1: 10}) == 20  # B frees nothing: F0 F1 in flight
+    assert peak_in_flight_bytes(zb, 1, {1: 10}, {1: 3}) == 13  # F1 on top of B0's 3
+    assert peak_in_flight_bytes(zb, 0, {0: 10}, {0: 3}) == peak_in_flight_bytes(zb, 0, {0: 10})
+    # checkpointing: a micro-batch keeps 1 until B, whose rerun leaves 3 until W (B0's and B1's at once)
+    assert peak_in_flight_bytes(zb, 1, {1: 1}, {1: 3}) == 6

@@ -114,3 +114,33 @@ def expert_parallel_moe(world: int, ep_per_node: int, **model_args) -> tuple[tor
     full_experts = {n: p.detach().clone() for n, p in moe.experts.named_parameters()}
     apply_expert_parallel(Holder(moe), mesh, ep_per_node)
     return moe, full_experts
+
+
+def graph_nodes(roots) -> list:
+    """Every autograd node reachable from `roots` (None entries allowed), each once."""
+    seen, stack = {}, list(roots)
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen[node] = None
+            stack.extend(child for child, _ in node.next_functions)
+    return list(seen)
+
+
+def saved_storages(nodes, skip: set[int] = frozenset()) -> dict[int, int]:
+    """Storage -> bytes of the distinct storages `nodes` hold for their backward: the built-in
+    nodes' `_saved_*` and custom Functions' `saved_tensors` (the grouped GEMM's); a released one
+    (unpacking raises) holds nothing, 0-dim ones (Python scalars') and storages in `skip` (the
+    parameters') are left out."""
+    held = {}
+    for node in nodes:
+        names = [a for a in dir(node) if a.startswith("_saved_")] + ["saved_tensors"] * hasattr(node, "saved_tensors")
+        for attribute in names:
+            try:
+                saved = getattr(node, attribute)
+            except RuntimeError:
+                continue
+            for t in saved if isinstance(saved, (list, tuple)) else (saved,):
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.untyped_storage().data_ptr() not in skip:
+                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return held

@@ -32,7 +32,7 @@ from parallel.plan import (
     plan,
 )
 from scripts.benchlib import run_ranks
-from tests.parallel.harness import make_config
+from tests.parallel.harness import graph_nodes, make_config, saved_storages
 
 MODEL_VARIANTS = {
     "tiny": ("tiny", {}),
@@ -488,35 +488,6 @@ def test_pipeline_unit_walk_follows_fsdp2_under_the_runtime():
     assert pipeline_unit_walk(zb, 1, {"layers.1": frozenset({1})}, {"layers.1": 1}).gathers == {"layers.1": 5}
 
 
-def _held_bytes(nodes, params: set[int]) -> int:
-    """Bytes of the distinct storages `nodes` hold for their backward, parameters aside: the
-    built-in nodes' `_saved_*` and custom Functions' `saved_tensors` (the grouped GEMM's); a
-    released one (unpacking raises) holds nothing. tests/parallel/pipeline/test_backward_split.py's
-    measure, with the custom Functions' tensors counted too."""
-    held = {}
-    for node in nodes:
-        names = [a for a in dir(node) if a.startswith("_saved_")] + ["saved_tensors"] * hasattr(node, "saved_tensors")
-        for attribute in names:
-            try:
-                saved = getattr(node, attribute)
-            except RuntimeError:
-                continue
-            for t in saved if isinstance(saved, (list, tuple)) else (saved,):
-                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.untyped_storage().data_ptr() not in params:
-                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(held.values())
-
-
-def _graph_below(node) -> list:
-    seen, stack = {}, [node]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen[node] = None
-            stack.extend(child for child, _ in node.next_functions)
-    return list(seen)
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", ["none", "full"])
 @pytest.mark.parametrize("layer", ["0", "1"], ids=["dense", "moe"])
@@ -535,9 +506,9 @@ def test_kept_for_weight_bytes_within_10_percent_of_what_the_graph_holds_after_b
     h = torch.randn(2, m.seq_len, m.dim, generator=torch.Generator().manual_seed(0))
     h_in = h.to(dtype).requires_grad_()
     out = block(h_in, model.rope_cos, model.rope_sin)
-    graph = _graph_below(out.grad_fn)
+    graph = graph_nodes([out.grad_fn])
     _, pending = backward_input(out, torch.ones_like(out), h_in)
-    held = _held_bytes(graph, params)
+    held = sum(saved_storages(graph, params).values())
     expected = 2 * m.seq_len * block_kept_for_weight_bytes(m, layer != "0", precision)
     assert expected == pytest.approx(held, rel=0.10)
     backward_weight(pending)

@@ -14,7 +14,7 @@ from framework.model.moe.layer import MoE
 from framework.model.transformer import MoETransformer
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.pipeline.backward_split import backward_input, backward_weight
-from tests.parallel.harness import PARITY_MODEL
+from tests.parallel.harness import PARITY_MODEL, graph_nodes, saved_storages
 
 MATMULS = {"mm", "addmm", "bmm", "_grouped_mm"}
 
@@ -93,32 +93,6 @@ def test_b_then_w_equals_one_backward_and_w_redoes_nothing(mode):
     assert (whole_reruns, b_reruns, w_reruns) == ((1, 1, 0) if mode != "none" else (0, 0, 0))
 
 
-def _saved_bytes(nodes) -> dict[int, int]:
-    """Storage -> bytes of the tensors that `nodes` hold for their backward (parameters aside);
-    a released one (unpacking raises) holds nothing."""
-    held = {}
-    for node in nodes:
-        for attribute in (a for a in dir(node) if a.startswith("_saved_")):
-            try:
-                saved = getattr(node, attribute)
-            except RuntimeError:
-                continue
-            for t in saved if isinstance(saved, (list, tuple)) else (saved,):
-                if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.dim() > 0:
-                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return held
-
-
-def _below(nodes) -> list:
-    seen, stack = {}, list(nodes)
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen[node] = None
-            stack.extend(child for child, _ in node.next_functions)
-    return list(seen)
-
-
 @pytest.mark.parametrize("mode", ["none", "full"])
 def test_between_b_and_w_the_graph_holds_only_what_w_needs(mode):
     """B frees what only it needed (attention's tensors, activations' inputs; a checkpointed
@@ -127,16 +101,15 @@ def test_between_b_and_w_the_graph_holds_only_what_w_needs(mode):
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     h_in = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
     out = block(h_in, cos, sin)
-    graph = _below([out.grad_fn])
-    forward = _saved_bytes(graph) if mode == "none" else None  # (unpacking would rerun a checkpointed block)
+    graph = graph_nodes([out.grad_fn])
+    forward = saved_storages(graph, params) if mode == "none" else None  # (unpacking would rerun a checkpointed block)
     _, pending = backward_input(out, torch.ones_like(out), h_in)
     forks = [fork for level in pending.levels for fork in level.forks]
-    branches = _below([node for fork in forks for node, _ in fork.weight_edges])
-    needed = _saved_bytes([*(fork.node for fork in forks), *branches])
-    held = {ptr: n for ptr, n in _saved_bytes(graph).items() if ptr not in params}
-    assert held == {ptr: n for ptr, n in needed.items() if ptr not in params} and held
+    branches = graph_nodes([node for fork in forks for node, _ in fork.weight_edges])
+    held = saved_storages(graph, params)
+    assert held == saved_storages([*(fork.node for fork in forks), *branches], params) and held
     if forward is not None:
-        assert sum(held.values()) < 0.6 * sum(n for ptr, n in forward.items() if ptr not in params)
+        assert sum(held.values()) < 0.6 * sum(forward.values())
     backward_weight(pending)
     assert all(p.grad is not None for p in block.parameters())
 

@@ -67,20 +67,22 @@ class LocalLauncher:
         Otherwise the ranks' own exit code (launcher.torchrun passes it on). `stop`: signals
         caught since before the run dir was written (cli.train); a stop that came before the
         start starts nothing."""
+        if stop is None:  # not through cli.train (a sweep point, a SLURM node): catch from here
+            stop = StopSignals()
+            with stop.catching():
+                return self.launch(cfg, command, stop)
         saved_before = newest_complete_step(cfg.run_dir)
-        stop = stop if stop is not None else StopSignals()
-        with stop.catching(cfg.launcher.stop_timeout_s):
-            if stop.signalled:
-                code = None
-            else:
-                torchrun = subprocess.Popen(
-                    command,
-                    env={**os.environ, **self.environment(cfg)},
-                    start_new_session=True,
-                    preexec_fn=ignore_sigusr1,
-                )
-                stop.started(torchrun)
-                code = torchrun.wait()
+        if stop.signalled:
+            code = None
+        else:
+            torchrun = subprocess.Popen(
+                command,
+                env={**os.environ, **self.environment(cfg)},
+                start_new_session=True,
+                preexec_fn=ignore_sigusr1,
+            )
+            stop.started(torchrun, cfg.launcher.stop_timeout_s)
+            code = torchrun.wait()
         if not stop.signalled:
             return code
         saved_after = newest_complete_step(cfg.run_dir)
@@ -107,23 +109,18 @@ class StopSignals:
         self.torchrun: subprocess.Popen | None = None
         self.forwarded = False
         self.stop_timeout_s: float | None = None
-        self.depth = 0
 
     @contextmanager
-    def catching(self, stop_timeout_s: float | None = None) -> Iterator[StopSignals]:
-        if stop_timeout_s is not None:
-            self.stop_timeout_s = stop_timeout_s
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS} if self.depth == 0 else {}
-        self.depth += 1
+    def catching(self) -> Iterator[StopSignals]:
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             yield self
         finally:
-            self.depth -= 1
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def started(self, torchrun: subprocess.Popen) -> None:
-        self.torchrun = torchrun
+    def started(self, torchrun: subprocess.Popen, stop_timeout_s: float) -> None:
+        self.torchrun, self.stop_timeout_s = torchrun, stop_timeout_s
         self._forward_once()  # a signal that came while it was starting
 
     def _forward_once(self) -> None:

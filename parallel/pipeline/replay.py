@@ -39,6 +39,16 @@ def receives_posted_ahead(actions: Sequence[Action], lookahead: int) -> dict[int
     return posted_before
 
 
+def receives_posted_before(actions: Sequence[Action], lookahead: int) -> dict[int, list[int]]:
+    """receives_posted_ahead by the compute action that posts them: {index of a compute action:
+    the indices of the RECVs posted just before it, in list order} (what the runtime and the
+    simulator look up as they reach each compute action)."""
+    before: dict[int, list[int]] = {}
+    for recv_index, compute_index in receives_posted_ahead(actions, lookahead).items():
+        before.setdefault(compute_index, []).append(recv_index)
+    return before
+
+
 def play(schedule: PipelineSchedule, advance: Callable[[int, Mapping[int, int]], int]) -> dict[int, int]:
     """Visit the ranks round-robin; on each, call `advance(rank, position)` for its next action,
     `schedule.actions[rank][position[rank]]` (`position` holds every rank's next index), until it

@@ -43,7 +43,7 @@ from parallel.compat import defer_fsdp_gradient_reduction, fold_fsdp_gradients, 
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
 from parallel.pipeline.backward_split import PendingWeightGradients, backward_input, backward_weight
 from parallel.pipeline.overlap import run_overlapped
-from parallel.pipeline.replay import receives_posted_ahead
+from parallel.pipeline.replay import receives_posted_before
 
 # stage, input tokens [B, S], the previous stage's output [B, S, D] (None on the first stage)
 StageFn = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor | tuple[torch.Tensor, ...]]
@@ -87,12 +87,9 @@ class PipelineRuntime:
         if recv_lookahead is None:  # gloo only: posting a receive early reorders an NCCL pair's stream
             gloo = dist.get_backend(pp_group) == "gloo"
             recv_lookahead = int(os.environ.get("MOE_PP_RECV_LOOKAHEAD", "1")) if gloo else 0
-        if recv_lookahead < 0:
-            raise ValueError(f"recv_lookahead={recv_lookahead}: must be >= 0 (compute actions ahead)")
+        # compute action's index -> receives posted before it (refuses a negative look-ahead)
+        self.receives_ahead = receives_posted_before(self.actions, recv_lookahead)
         self.recv_lookahead = recv_lookahead
-        self.receives_ahead: dict[int, list[int]] = {}  # compute action's index -> receives posted before it
-        for position, compute in receives_posted_ahead(self.actions, recv_lookahead).items():
-            self.receives_ahead.setdefault(compute, []).append(position)
         # Set to a list to record (action, start, end) of each compute action (scripts/bench_pipeline.py).
         self.timings: list[tuple[Action, float, float] | tuple[Action, float, float, float]] | None = None
 

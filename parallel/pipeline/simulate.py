@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from parallel.pipeline.actions import Action, Kind, PipelineSchedule
-from parallel.pipeline.replay import message, play, receives_posted_ahead
+from parallel.pipeline.replay import message, play, receives_posted_before
 from parallel.pipeline.validate import ScheduleError
 
 
@@ -120,6 +120,9 @@ def simulate(
     gradients there), outside every action, so idle like the fill and drain. `time_of(rank, action)`, when
     given, overrides the uniform times of compute actions (e.g. measured per rank and stage, or
     scaled by the stage cut's costs)."""
+    for rank, after in (finish or {}).items():
+        if after < 0:
+            raise ValueError(f"finish[{rank}]={after}: must be >= 0")
     durations = durations or Durations()
     time_of = time_of or (lambda rank, action: durations.of(action))
     ops = schedule.actions
@@ -128,10 +131,7 @@ def simulate(
     spans: dict[int, list[Span]] = {r: [] for r in ops}
     receives: dict[int, list[Span]] = {r: [] for r in ops}
     posted: dict[tuple, tuple[float, Action, int]] = {}  # (rank, kind, chunk) -> receive not yet waited for
-    ahead: dict[int, dict[int, list[int]]] = {r: {} for r in ops}  # rank -> compute index -> receives it posts
-    for r in ops:
-        for recv_index, compute_index in receives_posted_ahead(ops[r], recv_lookahead).items():
-            ahead[r].setdefault(compute_index, []).append(recv_index)
+    ahead = {r: receives_posted_before(ops[r], recv_lookahead) for r in ops}  # compute index -> receives it posts
     posted_ahead: dict[tuple[int, int], float] = {}  # (rank, index of a RECV) -> when it was posted
 
     def advance(rank: int, pos: Mapping[int, int]) -> int:
@@ -169,7 +169,5 @@ def simulate(
         rank, index = next(iter(stuck.items()))
         raise ScheduleError(f"{schedule.name} deadlocks: rank {rank} waits at {ops[rank][index]}")
     for rank, after in (finish or {}).items():
-        if after < 0:
-            raise ValueError(f"finish[{rank}]={after}: must be >= 0")
         clock[rank] += after
     return Timeline(schedule, durations, spans, max(clock.values(), default=0.0), receives, recv_lookahead, clock)

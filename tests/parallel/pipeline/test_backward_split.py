@@ -186,17 +186,21 @@ def test_graph_analysis_is_cached_by_structure_and_redone_when_it_differs():
     assert (_plan.cache_info().hits, _plan.cache_info().misses) == (5, 4)
 
 
-def test_a_stage_output_straight_out_of_a_matmul_keeps_its_weight_gradient():
-    """The output's own node is a fork: what reaches it (the output's gradient) is kept for W too."""
-    gen = torch.Generator().manual_seed(3)
+def _b_then_w_equals_one_backward_bitwise(seed: int, forward, check_split=None) -> None:
+    """`forward(h_in, w, norm)` on a small chain with an [8, 8] weight and a norm weight: B then W
+    gives bit for bit one backward's input and weight gradients, and B computes no weight gradient.
+    `check_split(out, h_in)` runs on the split's graph before B."""
+    gen = torch.Generator().manual_seed(seed)
     w, norm = torch.randn(8, 8, generator=gen, requires_grad=True), torch.randn(8, generator=gen, requires_grad=True)
     h, grad = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
     results = []
     for split in (False, True):
         w.grad = norm.grad = None
         h_in = h.clone().requires_grad_()
-        out = (h_in * norm) @ w
+        out = forward(h_in, w, norm)
         if split:
+            if check_split is not None:
+                check_split(out, h_in)
             h_grad, pending = backward_input(out, grad, h_in)
             assert w.grad is None and norm.grad is None
             backward_weight(pending)
@@ -206,6 +210,11 @@ def test_a_stage_output_straight_out_of_a_matmul_keeps_its_weight_gradient():
         results.append([h_grad, w.grad, norm.grad])
     for got, ref in zip(*reversed(results), strict=True):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_a_stage_output_straight_out_of_a_matmul_keeps_its_weight_gradient():
+    """The output's own node is a fork: what reaches it (the output's gradient) is kept for W too."""
+    _b_then_w_equals_one_backward_bitwise(3, lambda h_in, w, norm: (h_in * norm) @ w)
 
 
 def test_a_weight_used_at_two_depths_gets_both_gradients():
@@ -216,26 +225,14 @@ def test_a_weight_used_at_two_depths_gets_both_gradients():
 
     from parallel.pipeline.backward_split import _fork_levels
 
-    gen = torch.Generator().manual_seed(4)
-    w, norm = torch.randn(8, 8, generator=gen, requires_grad=True), torch.randn(8, generator=gen, requires_grad=True)
-    h, grad = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
-    results = []
-    for split in (False, True):
-        w.grad = norm.grad = None
-        h_in = h.clone().requires_grad_()
-        out = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(h_in * norm, w)), w)
-        if split:
-            levels, _ = _fork_levels(get_gradient_edge(out), get_gradient_edge(h_in).node)
-            assert [level.leaves is None for level in levels] == [True, True, False]
-            h_grad, pending = backward_input(out, grad, h_in)
-            assert w.grad is None and norm.grad is None
-            backward_weight(pending)
-        else:
-            out.backward(grad)
-            h_grad = h_in.grad
-        results.append([h_grad, w.grad, norm.grad])
-    for got, ref in zip(*reversed(results), strict=True):
-        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    def three_levels(out, h_in) -> None:
+        levels, _ = _fork_levels(get_gradient_edge(out), get_gradient_edge(h_in).node)
+        assert [level.leaves is None for level in levels] == [True, True, False]
+
+    linear = torch.nn.functional.linear
+    _b_then_w_equals_one_backward_bitwise(
+        4, lambda h_in, w, norm: linear(torch.tanh(linear(h_in * norm, w)), w), three_levels
+    )
 
 
 def test_tensors_packed_by_other_saved_tensor_hooks_are_kept_not_an_error():
